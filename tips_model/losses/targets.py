@@ -1,0 +1,157 @@
+"""Teacher targets for self-distillation and the soft cross-entropy against them.
+
+Contract (pure functions of tensors; the centre state lives in ``DINOLoss`` /
+``IBOTPatchLoss``):
+    softmax_center(logits [..., K], center [K], temp) -> probs [..., K]      (rows sum to 1)
+    sinkhorn_knopp(logits [n, K], temp, n_iterations) -> probs [n, K]       (rows sum to 1,
+        columns sum to ~n_total/K, n_total = number of rows over all ranks)
+    soft_cross_entropy(student [..., K], teacher_probs [..., K], temp) -> [...]
+    distributed_mean(x [n, K]) -> [K] | None                                (all-reduced)
+    ema_(center, value, momentum)                                           (in place)
+
+Sources: TIPS_NOTES.md §3.3 (softmax centering, Eq. quoted from the TIPS paper), §6 (centre
+momentum 0.9, Sinkhorn-Knopp with 3 iterations in the DINOv2 L/g configs); the algorithm
+follows ``dinov2/loss/dino_clstoken_loss.py`` and ``dinov2/loss/ibot_patch_loss.py``
+(SwAV-style, rows = samples, columns = prototypes).
+
+Numerics: everything is computed in float32 whatever the input dtype (bf16 autocast safe).
+Sinkhorn runs in the log domain (each normalisation is a log-sum-exp subtraction): the same
+iterates as DINOv2 in exact arithmetic, without the float32 overflow / underflow of its plain
+``exp(logits / 0.04)`` once logit gaps exceed ~3.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tips_model.losses._distributed import all_reduce_
+
+__all__ = [
+    "softmax_center",
+    "sinkhorn_knopp",
+    "soft_cross_entropy",
+    "distributed_mean",
+    "ema_",
+]
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """Per-row cross-entropy ``-sum_k p_t[k] * log softmax(s / temp)[k]`` in float32.
+
+    Args:
+        student_logits: ``[..., K]`` student head logits (any float dtype).
+        teacher_probs: ``[..., K]`` teacher distribution, broadcastable to the student.
+        student_temp: Student temperature tau_s (DINOv2: 0.1).
+
+    Returns:
+        ``[...]`` float32 cross-entropies (the broadcast leading shape).
+    """
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -(teacher_probs.float() * log_p).sum(dim=-1)
+
+
+@torch.no_grad()
+def softmax_center(
+    teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float
+) -> torch.Tensor:
+    """DINO softmax centering and sharpening: ``softmax((t - c) / tau_t)``.
+
+    Args:
+        teacher_logits: ``[..., K]`` teacher head logits.
+        center: Centre broadcastable to ``[K]`` (any of ``[K]``, ``[1, K]``, ``[1, 1, K]``).
+        teacher_temp: Teacher temperature tau_t.
+
+    Returns:
+        ``[..., K]`` float32 probabilities, no grad.
+    """
+    center = center.reshape(-1).float()
+    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+) -> torch.Tensor:
+    """Sinkhorn-Knopp equipartition of teacher logits over prototypes (SwAV / DINOv2).
+
+    Alternately rescales prototype (column) totals to 1/K and sample (row) totals to
+    1/n_total, ``n_iterations`` times, then multiplies by n_total. The last step is the row
+    normalisation, so each row is exactly a distribution; the prototype marginals are
+    ~n_total/K (exact only at convergence). Under torch.distributed the prototype totals and
+    n_total are all-reduced, so the equipartition is over the global batch and every rank
+    must call this function (with zero rows if it has nothing to assign).
+
+    Args:
+        teacher_logits: ``[n, K]`` logits of the samples (or masked patch tokens) on this rank.
+        teacher_temp: Teacher temperature tau_t.
+        n_iterations: Number of (column, row) normalisation rounds (DINOv2: 3).
+
+    Returns:
+        ``[n, K]`` float32 assignment probabilities, no grad.
+
+    Raises:
+        ValueError: If the input is not 2-D or ``n_iterations < 1``.
+    """
+    if teacher_logits.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp expects [n, K] logits, got {tuple(teacher_logits.shape)}")
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp n_iterations must be >= 1, got {n_iterations}")
+    log_q = teacher_logits.float() / teacher_temp  # [n, K]
+    n_local, num_prototypes = log_q.shape
+    log_n_total = all_reduce_(torch.tensor(float(n_local), device=log_q.device)).log()
+    log_k = math.log(num_prototypes)
+    # DINOv2's first step (divide by the global sum) cancels in the prototype step and is
+    # skipped; every division becomes a log-sum-exp subtraction.
+    for _ in range(n_iterations):
+        # 1. every prototype gets total mass 1/K over the global batch
+        log_q = log_q - _logsumexp_over_ranks(log_q) - log_k  # [n, K] - [1, K]
+        # 2. every sample gets total mass 1/n_total
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_n_total
+    return torch.exp(log_q + log_n_total)
+
+
+def _logsumexp_over_ranks(log_q: torch.Tensor) -> torch.Tensor:
+    """``log sum_{rows on all ranks} exp(log_q)`` per column: ``[n, K] -> [1, K]``."""
+    if log_q.shape[0] > 0:
+        col_max = log_q.amax(dim=0, keepdim=True)  # [1, K]
+    else:
+        col_max = log_q.new_full((1, log_q.shape[1]), float("-inf"))
+    all_reduce_(col_max, op="max")
+    col_sum = all_reduce_(torch.exp(log_q - col_max).sum(dim=0, keepdim=True))  # [1, K]
+    return col_max + col_sum.log()
+
+
+@torch.no_grad()
+def distributed_mean(x: torch.Tensor) -> torch.Tensor | None:
+    """Mean over the rows of ``x`` on all ranks (one all-reduce of sum and count).
+
+    Args:
+        x: ``[n, K]`` rows on this rank (n may differ across ranks, or be 0).
+
+    Returns:
+        ``[K]`` float32 global mean, or None when no rank has any row.
+    """
+    x = x.float()
+    packed = torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])])  # [K + 1]
+    all_reduce_(packed)
+    count = packed[-1]
+    if count.item() == 0:
+        return None
+    return packed[:-1] / count
+
+
+@torch.no_grad()
+def ema_(center: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
+    """In-place ``center <- momentum * center + (1 - momentum) * value``.
+
+    Args:
+        center: State tensor (a module buffer), updated in place.
+        value: New value broadcastable to ``center``.
+        momentum: Centre momentum in [0, 1] (DINOv2: 0.9).
+    """
+    center.mul_(momentum).add_(value.to(center.dtype).reshape(center.shape), alpha=1 - momentum)
