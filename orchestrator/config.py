@@ -1,0 +1,495 @@
+"""The run schema: typed defaults, recipe + override merging, validation, derived plan.
+
+Merge order (STYLE.md 5): schema defaults <- ``base:`` recipe (one level) <- recipe YAML <-
+``key=value`` overrides <- Tune trial overrides. Struct mode is on, so an unknown key is
+refused with its dotted path; a wrong type is refused with key and value. ``validate``
+checks cross-field rules. All of this runs before ``ray.init``; every error is a
+``ConfigError`` naming the dotted key and, when there is one, the recipe file.
+
+``objective.name`` picks the objective's own dataclass (registered in ``tips_model``), so a
+key that belongs to another objective is an error too.
+
+World-size-dependent numbers (per-worker batch, accumulation) come from
+``derive(cfg, world_size)`` at every worker (re)start; ``train.global_batch_size`` is the
+invariant across elastic resizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tips_model.objectives.base import ModelConfig
+
+logger = logging.getLogger(__name__)
+_OBJECTIVE_CONFIGS: dict[str, type] | None = None
+
+
+class ConfigError(ValueError):
+    """A recipe, override or cross-field rule is wrong; the message names the key."""
+
+
+def objective_configs() -> dict[str, type]:
+    """Objective name -> its config dataclass (imports tips_model.objectives lazily)."""
+    global _OBJECTIVE_CONFIGS
+    if _OBJECTIVE_CONFIGS is None:
+        from tips_model import objectives
+
+        _OBJECTIVE_CONFIGS = {n: objectives.objective_config_class(n) for n in objectives.names()}
+    return _OBJECTIVE_CONFIGS
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); else AWS_ENDPOINT_URL
+    region: str = "us-east-1"  # credentials come from the standard AWS env vars / profiles
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_uri: str = "???"  # directory or s3://bucket/prefix of Parquet or WebDataset shards
+    eval_uri: str | None = None  # synthetic or user eval split for periodic evaluation
+    format: str = "auto"  # auto (by file extension) | parquet | webdataset
+    seed: int = 0  # base seed for file order, crops, masks and caption sampling
+    # [open] TIPS_NOTES 13.7: v2 sampling probabilities unknown; kinds as named in the shards.
+    caption_ratios: dict[str, float] = field(default_factory=lambda: {"short": 0.5, "long": 0.5})
+    shuffle_files: bool = True  # seeded per-epoch shuffle of the file order
+    local_shuffle_buffer_size: int = 0  # rows; 0 = off (keeps exact resume trivially ordered)
+    read_parallelism: int | None = None  # override_num_blocks of the reader
+    map_batch_size: int = 32  # rows per decode/augment call
+    decode_draft: bool = True  # JPEG draft-mode decode at the smallest size covering all crops
+    num_cpus_per_map_task: float = 1.0  # CPU reserved per decode/augment task
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Multi-crop: TIPS uses 1 global crop at 224 and M=6 local crops at 98 [paper]."""
+
+    num_global_crops: int = 1  # [paper] TIPS_NOTES 5
+    global_crop_size: int = 224  # [paper]
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # [open] DINOv2
+    num_local_crops: int = 6  # [paper] M
+    local_crop_size: int = 98  # [paper]
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # [open] DINOv2
+    hflip_prob: float = 0.5  # [paper] random-resized crops and flips are TIPS's only ops
+    interpolation: str = "bilinear"  # bilinear | bicubic (DINOv2 uses bicubic)
+    color_jitter_prob: float = 0.0  # off: TIPS uses no photometric ops [paper]
+    grayscale_prob: float = 0.0  # off [paper]
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Block-wise iBOT masks; TIPS's own values are [open] (TIPS_NOTES 4): DINOv2's."""
+
+    mask_probability: float = 0.5  # fraction of images that get a mask
+    ratio_min: float = 0.1  # masked fraction of patches ~ U[ratio_min, ratio_max]
+    ratio_max: float = 0.5
+    min_num_patches: int = 4  # smallest block
+    min_aspect: float = 0.3  # block aspect ratio in [min_aspect, 1/min_aspect]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adafactor"  # [paper] Adafactor | adamw
+    lr: float = 5e-4  # [paper] peak lr at global batch 16k
+    lr_schedule: str = "linear"  # [paper] linear warm-up then linear decay to final_lr
+    warmup_steps: int = 0  # [paper] 1.4 epochs; recipes set it in steps
+    final_lr: float = 0.0  # [paper]
+    weight_decay: float = 0.0  # [open] Adafactor default; DINOv2 AdamW uses 0.04 -> 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
+    grad_clip_norm: float = 3.0  # [open] DINOv2 clip 3.0; 0 = off
+    freeze_last_layer_steps: int = 0  # [open] DINOv2 freezes the prototypes for 1 epoch
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """EMA momentum and teacher temperature schedules (TIPS_NOTES 6; values [open])."""
+
+    momentum_start: float = 0.992  # DINOv2 (0.994 for L/g)
+    momentum_end: float = 1.0  # DINOv2 cosine to 1.0; SILC keeps it fixed (set end = start)
+    momentum_schedule: str = "cosine"  # cosine | linear | constant
+    temp_warmup_start: float = 0.04  # DINOv2
+    temp: float = 0.07  # DINOv2
+    temp_warmup_steps: int = 0  # DINOv2: 30 epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int = 1000  # optimizer steps; epochs are only ever derived
+    global_batch_size: int = 16384  # [paper] invariant across elastic resizes
+    batch_size_per_worker: int = 256  # largest micro-batch a worker runs at once
+    precision: str = "bf16"  # bf16 autocast on GPU | fp32 (CPU always runs fp32)
+    seed: int = 0
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 500
+    eval_every_steps: int = 0  # 0 = no periodic evaluation
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU reservation
+    preemption_check_every_steps: int = 5  # ray.train.get_preemption_info() is a barrier
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    min_workers: int = 1  # elastic lower bound; 0 with max_workers 0 = Ray Train local mode
+    max_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    accelerator_type: str | None = None  # e.g. "A100", "H100": pins workers to a GPU type
+    strategy: str = "ddp"  # ddp | none (FSDP: not built yet, see README)
+    placement_strategy: str = "PACK"
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "tips"  # stable name: rerunning with the same name + storage resumes
+    storage_uri: str = "runs"  # local directory or s3://bucket/prefix
+    max_failures: int = 3  # worker-group failures before the run errors (-1 = infinite)
+    max_preemption_failures: int = -1  # preemptions, counted apart (-1 = infinite)
+    num_checkpoints_to_keep: int = 3
+    resume_from: str | None = None  # explicit checkpoint URI to start from
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class TipsConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: Any = None  # the dataclass registered for objective.name (default "tips")
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "parquet", "webdataset"),
+    "augment.interpolation": ("bilinear", "bicubic"),
+    "optim.name": ("adafactor", "adamw"),
+    "optim.lr_schedule": ("linear", "cosine", "constant"),
+    "teacher.momentum_schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("bf16", "fp32"),
+    "scaling.strategy": ("ddp", "none"),
+    "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "model.tokenizer": ("bpe", "sentencepiece"),
+}
+
+
+def _thaw(node: DictConfig) -> DictConfig:
+    """Undo the read-only flag frozen dataclasses put on every node, and open free-form
+    dict fields (``caption_ratios``, ``resources_per_worker``) to new keys."""
+    node._set_flag("readonly", None)
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _thaw(child)
+            if not dataclasses.is_dataclass(child._metadata.object_type):
+                OmegaConf.set_struct(child, False)
+        elif isinstance(child, ListConfig):
+            child._set_flag("readonly", None)
+    return node
+
+
+def _schema(objective_name: str) -> DictConfig:
+    configs = objective_configs()
+    if objective_name not in configs:
+        raise ConfigError(
+            f"objective.name={objective_name!r} is not a registered objective; "
+            f"registered: {sorted(configs)}"
+        )
+    root = _thaw(OmegaConf.structured(TipsConfig))
+    root.objective = _thaw(OmegaConf.structured(configs[objective_name]))
+    OmegaConf.set_struct(root, True)
+    return root
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: name the file
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of config sections")
+    return loaded
+
+
+def _recipe_layers(recipe: str | Path) -> list[tuple[str, DictConfig]]:
+    """The recipe and at most one ``base:`` recipe under it (no chains)."""
+    path = Path(recipe).expanduser().resolve()
+    layer = _read_yaml(path)
+    layers: list[tuple[str, DictConfig]] = []
+    if "base" in layer:
+        base_path = (path.parent / str(layer.pop("base"))).resolve()
+        base = _read_yaml(base_path)
+        if "base" in base:
+            raise ConfigError(f"{base_path}: a base recipe cannot have its own base: (one level)")
+        layers.append((str(base_path), base))
+    layers.append((str(path), layer))
+    return layers
+
+
+def _objective_name(layers: list[tuple[str, DictConfig]]) -> str:
+    name = "tips"
+    for _, layer in layers:
+        value = OmegaConf.select(layer, "objective.name", default=None)
+        if value is not None:
+            name = str(value)
+    return name
+
+
+def _merge(layers: list[tuple[str, DictConfig]]) -> Any:
+    cfg = _schema(_objective_name(layers))
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            msg = str(e).splitlines()[0]
+            raise ConfigError(f"{source}: key '{key}': {msg}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        where = layers[-1][0] if layers else "defaults"
+        raise ConfigError(f"{where}: required keys have no value: {', '.join(missing)}")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"{layers[-1][0] if layers else 'config'}: {e}") from None
+    return obj
+
+
+def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Recipe YAML + ``key=value`` overrides -> validated, frozen ``TipsConfig``.
+
+    Raises:
+        ConfigError: unknown key, wrong type, missing value or a broken cross-field rule;
+            the message names the dotted key and the file or "overrides".
+    """
+    layers = _recipe_layers(recipe) if recipe else []
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got: {bad}")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {e}") from None
+    layers.append(("overrides", dotlist))
+    cfg = _merge(layers)
+    validate(cfg, source=str(recipe) if recipe else "overrides")
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> Any:
+    """Rebuild (and re-validate) a config from ``to_dict`` output, e.g. on a Ray worker."""
+    cfg = _merge([("config dict", OmegaConf.create(d))])
+    validate(cfg, source="config dict")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, picklable dict (what crosses into Ray as ``train_loop_config``)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Apply dotted-key overrides (e.g. a Tune trial's) to a config and re-validate."""
+    layer = OmegaConf.create({})
+    for key, value in overrides.items():
+        OmegaConf.update(layer, key, value, force_add=True)
+    out = _merge([("config", OmegaConf.create(to_dict(cfg))), ("trial overrides", layer)])
+    validate(out, source="trial overrides")
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def patch_size(model: ModelConfig) -> int:
+    """Patch size of the configured vision tower (built on the meta device: no memory)."""
+    import torch
+
+    from tips_model.vision import build_vision
+
+    with torch.device("meta"):
+        return int(build_vision(model.vision).patch_size)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _require(ok: bool, where: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def validate(cfg: Any, source: str = "config") -> None:
+    """Cross-field rules; raises ConfigError naming the dotted key and the source."""
+    from tips_model.registry import TEXT, VISION
+
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in allowed, source, f"{key}={value!r}: must be one of {list(allowed)}")
+    m = cfg.model
+    _require(m.vision in VISION, source, f"model.vision={m.vision!r}: known {VISION.names()}")
+    _require(m.text in TEXT, source, f"model.text={m.text!r}: known {TEXT.names()}")
+    _require(
+        m.tokenizer != "sentencepiece" or bool(m.tokenizer_path),
+        source,
+        "model.tokenizer_path must name the released tokenizer.model for sentencepiece",
+    )
+    p = patch_size(m)
+    a = cfg.augment
+    _require(a.num_global_crops >= 1, source, "augment.num_global_crops must be >= 1")
+    _require(a.num_local_crops >= 0, source, "augment.num_local_crops must be >= 0")
+    _require(
+        a.global_crop_size % p == 0,
+        source,
+        f"augment.global_crop_size={a.global_crop_size} is not divisible by the patch size {p}"
+        f" of model.vision={m.vision}",
+    )
+    if a.num_local_crops:
+        _require(
+            a.local_crop_size % p == 0,
+            source,
+            f"augment.local_crop_size={a.local_crop_size} is not divisible by the patch size {p}"
+            f" of model.vision={m.vision}",
+        )
+    for key in ("augment.global_crop_scale", "augment.local_crop_scale"):
+        lo_hi = _get(cfg, key)
+        _require(
+            len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1,
+            source,
+            f"{key}={list(lo_hi)} must be [lo, hi] with 0 < lo <= hi <= 1",
+        )
+    obj = cfg.objective
+    if getattr(obj, "alpha", 0) > 0:
+        _require(
+            a.num_local_crops > 0 or a.num_global_crops > 1,
+            source,
+            f"objective.alpha={obj.alpha} needs student crops for distillation: set "
+            "augment.num_local_crops > 0 (TIPS: 6) or objective.alpha=0",
+        )
+    mk = cfg.masking
+    _require(0 <= mk.mask_probability <= 1, source, "masking.mask_probability must be in [0, 1]")
+    _require(
+        0 <= mk.ratio_min <= mk.ratio_max <= 1,
+        source,
+        "masking.ratio_min <= masking.ratio_max must lie in [0, 1]",
+    )
+    d = cfg.data
+    _require(bool(d.train_uri), source, "data.train_uri is empty")
+    _require(
+        not d.train_uri.startswith("s3://") or len(d.train_uri[5:].split("/")[0]) >= 3,
+        source,
+        f"data.train_uri={d.train_uri!r}: s3:// URIs need a bucket name",
+    )
+    ratios = d.caption_ratios
+    _require(
+        bool(ratios) and all(v >= 0 for v in ratios.values()) and sum(ratios.values()) > 0,
+        source,
+        f"data.caption_ratios={dict(ratios)} must be non-negative with a positive sum",
+    )
+    t = cfg.train
+    for key in ("total_steps", "batch_size_per_worker", "log_every_steps"):
+        _require(_get(t, key) >= 1, source, f"train.{key} must be >= 1")
+    _require(t.checkpoint_every_steps >= 1, source, "train.checkpoint_every_steps must be >= 1")
+    s = cfg.scaling
+    _require(
+        0 <= s.min_workers <= s.max_workers,
+        source,
+        f"scaling.min_workers={s.min_workers} must be <= scaling.max_workers={s.max_workers}",
+    )
+    _require(
+        s.min_workers > 0 or s.max_workers == 0,
+        source,
+        "scaling.min_workers=0 is only allowed with max_workers=0 (Ray Train local mode)",
+    )
+    _require(
+        t.global_batch_size >= max(1, s.max_workers),
+        source,
+        f"train.global_batch_size={t.global_batch_size} is smaller than "
+        f"scaling.max_workers={s.max_workers}",
+    )
+    tc = cfg.teacher
+    _require(
+        0 <= tc.momentum_start <= 1 and 0 <= tc.momentum_end <= 1,
+        source,
+        "teacher.momentum_start/momentum_end must be in [0, 1]",
+    )
+    _require(
+        bool(cfg.run.name) and "/" not in cfg.run.name,
+        source,
+        f"run.name={cfg.run.name!r} must be non-empty and contain no '/'",
+    )
+
+
+# --------------------------------------------------------------------------- derived plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """World-size-dependent numbers, recomputed at every worker (re)start."""
+
+    world_size: int
+    global_batch_size: int
+    per_rank_batch: int  # samples each rank contributes to one optimizer step
+    micro_batch: int  # samples per forward/backward
+    accum_steps: int  # micro-batches per optimizer step
+    total_steps: int
+
+
+def derive(cfg: Any, world_size: int) -> Plan:
+    """Split the global batch over ``world_size`` workers and accumulation steps.
+
+    Every rank gets the same batch (the gathered contrastive loss needs it). When the world
+    size divides ``train.global_batch_size`` the global batch is exact; otherwise it is the
+    largest multiple of the world size below it (fewer than ``world_size`` samples short,
+    logged). The micro-batch is the largest divisor of the per-rank batch that fits in
+    ``train.batch_size_per_worker``.
+    """
+    ws = max(1, world_size)
+    g = cfg.train.global_batch_size
+    per_rank = g // ws
+    if g % ws:
+        logger.warning(
+            "train.global_batch_size=%d does not divide over %d workers: using %d per step",
+            g,
+            ws,
+            per_rank * ws,
+        )
+    accum = next(
+        a
+        for a in range(1, per_rank + 1)
+        if per_rank % a == 0 and per_rank // a <= cfg.train.batch_size_per_worker
+    )
+    return Plan(
+        world_size=ws,
+        global_batch_size=per_rank * ws,
+        per_rank_batch=per_rank,
+        micro_batch=per_rank // accum,
+        accum_steps=accum,
+        total_steps=cfg.train.total_steps,
+    )

@@ -1,0 +1,129 @@
+"""The seam between the science and the machinery: what every objective is and returns.
+
+An objective owns its trainable modules (``student``), its frozen EMA side (``teacher``,
+possibly only heads), and its loss state (centres, temperature). The training loop only
+knows this contract:
+
+    out = objective(batch, step_state)      # ObjectiveOutput(loss, losses, metrics)
+    out.loss.backward(); optimizer.step()   # the loop, never the objective, calls backward
+    objective.update_teacher(momentum)      # explicit EMA / centre updates after the step
+
+``batch`` follows the batch contract in shared/DESIGN.md (uint8 pixels, int64 token ids);
+objectives convert pixels to float in [0, 1] themselves, on the device.
+
+Config dataclasses for the model and for each objective live next to the code that reads
+them (here and in each objective's file) so that ``tips_model`` stays importable without
+the orchestrator; ``orchestrator/config.py`` assembles them into the run schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tips_model.registry import OBJECTIVES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoders and tokenizer. Names go through the registries in ``tips_model.registry``."""
+
+    vision: str = "vit_b14"  # registered vision factory (TIPS_NOTES 1.1)
+    text: str = "text_b"  # registered text factory (TIPS_NOTES 1.4)
+    img_size: int | None = None  # native size of the stored pos grid: v1 224 (16x16), v2 448
+    tokenizer: str = "bpe"  # "bpe" (bundled with open_clip, offline) | "sentencepiece"
+    tokenizer_path: str | None = None  # the released tokenizer.model for "sentencepiece"
+    max_text_len: int = 64  # TIPS_NOTES 2: 64 tokens, right-padded with 0
+    drop_path_rate: float = 0.0  # stochastic depth in the vision tower [open]; DINOv2 uses 0.3-0.4
+    layerscale_init: float | None = None  # None: no LayerScale, as the released Scenic arch (1.1)
+    grad_checkpointing: bool = False  # recompute blocks in backward to save activation memory
+    temperature_init: float = 0.07  # CLIP's initial temperature [open]; released ends ~0.005 (1.5)
+    learn_temperature: bool = True  # TIPS_NOTES 1.5: a learned scalar, divided by
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Per-step values from the schedules, computed by the loop from the global step."""
+
+    step: int
+    teacher_temp: float = 0.07
+    # Fraction of training done; objectives may use it (e.g. to freeze a last layer).
+    progress: float = 0.0
+
+
+@dataclass
+class ObjectiveOutput:
+    """What ``forward`` returns.
+
+    Attributes:
+        loss: scalar weighted total; only the loop calls ``backward`` on it.
+        losses: unweighted terms, e.g. ``{"contrastive_alt", "contrastive_syn", "dino", "ibot"}``.
+        metrics: detached diagnostics (entropies, accuracies, weights in use).
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class for objectives: a thin nn.Module with the contract's hooks.
+
+    Subclasses set ``student`` (trained, wrapped for DDP/FSDP by the loop) and ``teacher``
+    (frozen EMA side or None) and implement ``forward``, ``required_batch_keys`` and
+    ``update_teacher``.
+    """
+
+    student: nn.Module
+    teacher: nn.Module | None
+
+    def required_batch_keys(self) -> set[str]:
+        """Batch keys this objective reads; the data pipeline makes only these."""
+        raise NotImplementedError
+
+    def update_teacher(self, momentum: float) -> None:
+        """EMA update of the teacher side after an optimizer step (no-op without one)."""
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Trainable parameters split into decayed and non-decayed groups.
+
+        Biases, norms, LayerScale gammas, tokens, position embeddings and the temperature
+        get no weight decay (DINOv2 / open_clip convention).
+        """
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name.startswith("teacher."):
+                continue
+            if p.ndim <= 1 or name.endswith((".bias", "_token", "pos_embed", "tokens")):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def images_to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 in [0, 1] (TIPS: unnormalised pixels, TIPS_NOTES 1.1)."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def build_objective(objective_cfg: object, model_cfg: ModelConfig, vocab_size: int) -> Objective:
+    """Build the objective named by ``objective_cfg.name`` through the registry."""
+    return OBJECTIVES.build(
+        objective_cfg.name, cfg=objective_cfg, model_cfg=model_cfg, vocab_size=vocab_size
+    )
+
+
+def objective_config_class(name: str) -> type:
+    """The config dataclass registered with objective ``name`` (its ``CONFIG`` attribute)."""
+    return OBJECTIVES.get(name).CONFIG
+
+
+def list_objectives() -> list[str]:
+    return OBJECTIVES.names()

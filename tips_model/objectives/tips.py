@@ -1,0 +1,327 @@
+"""TIPS and TIPSv2 objectives: dual-CLS contrastive + DINO self-distillation + iBOT / iBOT++.
+
+    L = w_alt * NCE(cls_alt, alt_text) + w_syn * NCE(cls_syn, synthetic caption)
+        + alpha * L_dino + beta * L_mim + koleo_weight * L_koleo           (TIPS_NOTES 3.1)
+
+* Contrastive (3.2): symmetric InfoNCE, one learned temperature (divide), negatives gathered
+  across workers; CLS-alt pairs with the web alt-text, CLS-syn with the sampled synthetic
+  caption; one shared text tower.
+* Distillation (3.3): the teacher sees the unmasked global crop(s); students are the M local
+  crops and the other global crops (with TIPS's single global crop: only the M locals).
+* MIM (3.4, 3.5): the student sees the global crops with masked patches replaced by the mask
+  token; ``mim_tokens="masked"`` is iBOT (TIPS), ``"all"`` is iBOT++ (TIPSv2).
+* Teacher (6): ``full_ema`` keeps an EMA copy of backbone and heads (TIPS);
+  ``head_ema`` runs the student backbone under no_grad and keeps EMA heads only (TIPSv2).
+
+Batch keys (DESIGN.md): global_crops [B,G,3,H,W] u8, local_crops [B,M,3,h,w] u8,
+masks [B,G,h',w'] bool, alt_ids [B,T] i64, syn_ids [B,T] i64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tips_model.ema import ema_update_, make_teacher
+from tips_model.heads import DINOHead
+from tips_model.losses import DINOLoss, IBOTPatchLoss, contrastive_loss, koleo_loss
+from tips_model.objectives.base import (
+    ModelConfig,
+    Objective,
+    ObjectiveOutput,
+    StepState,
+    images_to_float,
+)
+from tips_model.objectives.tips_config import TipsObjectiveConfig, TipsV2ObjectiveConfig
+from tips_model.registry import OBJECTIVES
+from tips_model.text import build_text
+from tips_model.vision import EncoderOutput, build_vision
+
+
+class Temperature(nn.Module):
+    """The contrastive temperature, learned in log space so it stays positive."""
+
+    def __init__(self, init: float, learn: bool) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learn)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+
+@dataclass
+class StudentOutput:
+    glob: EncoderOutput  # masked global crops, [B*G, ...]
+    contrastive: EncoderOutput  # the view used for the contrastive CLS (global crop 0), [B, ...]
+    local_cls: torch.Tensor | None  # [B*M, D] CLS of the local crops
+    txt_alt: torch.Tensor  # [B, D]
+    txt_syn: torch.Tensor  # [B, D]
+    temperature: torch.Tensor  # scalar
+
+
+class TipsStudent(nn.Module):
+    """Everything trained, in one module whose ``forward`` is the whole student pass, so the
+    loop can wrap it for DDP/FSDP and every gradient is synchronised."""
+
+    def __init__(self, cfg: TipsObjectiveConfig, model_cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        overrides: dict = {"drop_path_rate": model_cfg.drop_path_rate}
+        if model_cfg.img_size is not None:
+            overrides["img_size"] = model_cfg.img_size
+        if model_cfg.layerscale_init is not None:
+            overrides["layerscale_init"] = model_cfg.layerscale_init
+        self.vision = build_vision(model_cfg.vision, **overrides)
+        self.text = build_text(
+            model_cfg.text, vocab_size=vocab_size, max_len=model_cfg.max_text_len
+        )
+        d = self.vision.embed_dim
+        text_width = self.text.token_embedding.weight.shape[1]
+        if text_width != d:
+            raise ValueError(
+                f"model.text={model_cfg.text} has width {text_width} but model.vision="
+                f"{model_cfg.vision} has {d}: TIPS has no projection head (TIPS_NOTES 1.1)"
+            )
+        if model_cfg.grad_checkpointing:
+            self.vision.set_grad_checkpointing(True)
+        self.temperature = Temperature(model_cfg.temperature_init, model_cfg.learn_temperature)
+        head_kw = dict(
+            in_dim=d,
+            out_dim=cfg.head_out_dim,
+            hidden_dim=cfg.head_hidden_dim,
+            bottleneck_dim=cfg.head_bottleneck_dim,
+            nlayers=cfg.head_nlayers,
+        )
+        # Heads exist only for terms that are on, so DDP never sees unused parameters.
+        self.dino_head = DINOHead(**head_kw) if cfg.alpha > 0 else None
+        self.ibot_head = (
+            DINOHead(**head_kw)
+            if cfg.beta > 0 and (cfg.separate_ibot_head or cfg.alpha == 0)
+            else None
+        )
+
+    def patch_head(self) -> DINOHead | None:
+        if self.cfg.beta <= 0:
+            return None
+        return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+    def forward(
+        self,
+        global_imgs: torch.Tensor,
+        masks: torch.Tensor | None,
+        local_imgs: torch.Tensor | None,
+        alt_ids: torch.Tensor,
+        syn_ids: torch.Tensor,
+        num_global: int,
+    ) -> StudentOutput:
+        """Args: global_imgs [B*G,3,H,W] float; masks [B*G,N] bool; local_imgs [B*M,3,h,w]."""
+        glob = self.vision(global_imgs, masks=masks)
+        if self.cfg.contrastive_view == "unmasked" and masks is not None:
+            first = global_imgs.unflatten(0, (-1, num_global))[:, 0]  # [B,3,H,W]
+            contrastive = self.vision(first)
+        else:
+            contrastive = EncoderOutput(
+                cls_alt=glob.cls_alt.unflatten(0, (-1, num_global))[:, 0],
+                cls_syn=glob.cls_syn.unflatten(0, (-1, num_global))[:, 0],
+                patch_tokens=glob.patch_tokens[::num_global],
+            )
+        local_cls = None
+        if local_imgs is not None and self.dino_head is not None:
+            loc = self.vision(local_imgs)
+            local_cls = loc.cls_alt if self.cfg.dino_cls == "alt" else loc.cls_syn
+        return StudentOutput(
+            glob=glob,
+            contrastive=contrastive,
+            local_cls=local_cls,
+            txt_alt=self.text(alt_ids),
+            txt_syn=self.text(syn_ids),
+            temperature=self.temperature(),
+        )
+
+
+@OBJECTIVES.register("tips")
+class TipsObjective(Objective):
+    """The TIPS objective (``name="tips"``); ``TipsV2Objective`` changes only the config."""
+
+    CONFIG = TipsObjectiveConfig
+
+    def __init__(self, cfg: TipsObjectiveConfig, model_cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.student = TipsStudent(cfg, model_cfg, vocab_size)
+        heads = nn.ModuleDict()
+        if self.student.dino_head is not None:
+            heads["dino_head"] = self.student.dino_head
+        if self.student.ibot_head is not None:
+            heads["ibot_head"] = self.student.ibot_head
+        if cfg.teacher == "full_ema":
+            heads["vision"] = self.student.vision
+        self.teacher = make_teacher(heads) if len(heads) else None
+        k = cfg.head_out_dim
+        self.dino_loss = DINOLoss(
+            k, center_momentum=cfg.center_momentum, student_temp=cfg.student_temp
+        )
+        self.ibot_loss = IBOTPatchLoss(
+            k, center_momentum=cfg.center_momentum, student_temp=cfg.student_temp
+        )
+        self._runner: list[nn.Module] = [self.student]  # a list: not a registered submodule
+
+    # ------------------------------------------------------------------ loop hooks
+    def wrap_student(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the student through ``wrap(student)`` (e.g. DDP); parameters stay shared."""
+        self._runner = [wrap(self.student)]
+
+    def required_batch_keys(self) -> set[str]:
+        keys = {"global_crops", "alt_ids", "syn_ids"}
+        if self.cfg.alpha > 0:
+            keys.add("local_crops")
+        if self.cfg.beta > 0:
+            keys.add("masks")
+        return keys
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        if self.teacher is None:
+            return
+        for name, t_mod in self.teacher.items():
+            ema_update_(t_mod, getattr(self.student, name), momentum)
+
+    # ------------------------------------------------------------------ forward
+    def _teacher_targets(
+        self, global_imgs: torch.Tensor, temp: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Teacher probabilities on the unmasked global crops: CLS [B*G,K], patches [B*G,N,K]."""
+        cfg = self.cfg
+        with torch.no_grad():
+            backbone = self.teacher["vision"] if cfg.teacher == "full_ema" else self.student.vision
+            out = backbone(global_imgs)
+            cls = out.cls_alt if cfg.dino_cls == "alt" else out.cls_syn
+            cls_logits = cls_probs = patch_probs = None
+            if cfg.alpha > 0:
+                cls_logits = self.teacher["dino_head"](cls).float()
+                cls_probs = self._center(self.dino_loss, cls_logits, temp)
+                self.dino_loss.update_center(cls_logits)
+            if cfg.beta > 0:
+                head = self.teacher["ibot_head" if "ibot_head" in self.teacher else "dino_head"]
+                patch_logits = head(out.patch_tokens).float()
+                patch_probs = self._center(self.ibot_loss, patch_logits, temp)
+                self.ibot_loss.update_center(patch_logits)
+        return cls_logits, cls_probs, patch_probs
+
+    def _center(self, loss: nn.Module, logits: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.cfg.centering == "sinkhorn":
+            return loss.sinkhorn_knopp_teacher(
+                logits, temp, n_iterations=self.cfg.sinkhorn_iterations
+            )
+        return loss.softmax_center_teacher(logits, temp)
+
+    def forward(self, batch: dict[str, torch.Tensor], step: StepState) -> ObjectiveOutput:
+        cfg = self.cfg
+        # 1. pixels and shapes
+        glob_u8 = batch["global_crops"]  # [B,G,3,H,W]
+        b, g = glob_u8.shape[:2]
+        global_imgs = images_to_float(glob_u8.flatten(0, 1))  # [B*G,3,H,W]
+        masks = batch["masks"].flatten(0, 1).flatten(1) if cfg.beta > 0 else None  # [B*G,N]
+        local_imgs = None
+        if cfg.alpha > 0 and batch["local_crops"].shape[1] > 0:
+            local_imgs = images_to_float(batch["local_crops"].flatten(0, 1))  # [B*M,3,h,w]
+        # 2. teacher targets on the unmasked global crops
+        _, cls_probs, patch_probs = self._teacher_targets(global_imgs, step.teacher_temp)
+        # 3. student
+        s = self._runner[0](global_imgs, masks, local_imgs, batch["alt_ids"], batch["syn_ids"], g)
+        # 4. contrastive, dual CLS
+        losses: dict[str, torch.Tensor] = {}
+        losses["contrastive_alt"] = contrastive_loss(
+            s.contrastive.cls_alt, s.txt_alt, s.temperature, gather=cfg.gather_negatives
+        )
+        losses["contrastive_syn"] = contrastive_loss(
+            s.contrastive.cls_syn, s.txt_syn, s.temperature, gather=cfg.gather_negatives
+        )
+        total = (
+            cfg.contrastive_alt_weight * losses["contrastive_alt"]
+            + cfg.contrastive_syn_weight * losses["contrastive_syn"]
+        )
+        student = self.student
+        # 5. DINO CLS distillation: for each teacher crop t, students are the locals + other globals
+        if cfg.alpha > 0 and cls_probs is not None:
+            glob_cls = s.glob.cls_alt if cfg.dino_cls == "alt" else s.glob.cls_syn
+            losses["dino"] = self._dino(student, glob_cls, s.local_cls, cls_probs, b, g)
+            total = total + cfg.alpha * losses["dino"]
+        # 6. MIM on patch tokens
+        if cfg.beta > 0 and patch_probs is not None:
+            s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
+            if cfg.mim_tokens == "all":
+                losses["ibot"] = self.ibot_loss.forward_all(
+                    s_patch,
+                    patch_probs,
+                    masks,
+                    masked_weight=cfg.mim_masked_weight,
+                    visible_weight=cfg.mim_visible_weight,
+                )
+            else:
+                losses["ibot"] = self.ibot_loss.forward_masked(s_patch, patch_probs, masks)
+            total = total + cfg.beta * losses["ibot"]
+        if cfg.koleo_weight > 0:
+            losses["koleo"] = koleo_loss(s.contrastive.cls_alt.float())
+            total = total + cfg.koleo_weight * losses["koleo"]
+        return ObjectiveOutput(
+            loss=total, losses=losses, metrics=self._metrics(s, cls_probs, masks)
+        )
+
+    def _dino(
+        self,
+        student: TipsStudent,
+        glob_cls: torch.Tensor,
+        local_cls: torch.Tensor | None,
+        cls_probs: torch.Tensor,
+        b: int,
+        g: int,
+    ) -> torch.Tensor:
+        head = student.dino_head
+        t_probs = cls_probs.unflatten(0, (b, g))  # [B,G,K]
+        glob_logits = head(glob_cls).unflatten(0, (b, g))  # [B,G,K]
+        local_logits = None
+        if local_cls is not None:
+            local_logits = head(local_cls).unflatten(0, (b, -1)).transpose(0, 1)  # [M,B,K]
+        terms, weights = [], []
+        for t in range(g):
+            students = [glob_logits[:, j] for j in range(g) if j != t]
+            stacked = torch.stack(students) if students else None  # [G-1,B,K]
+            if local_logits is not None:
+                stacked = local_logits if stacked is None else torch.cat([stacked, local_logits])
+            if stacked is None:
+                continue
+            terms.append(self.dino_loss(stacked, t_probs[:, t]))
+            weights.append(stacked.shape[0])
+        if not terms:
+            return glob_cls.sum() * 0.0
+        w = torch.tensor(weights, dtype=torch.float32, device=glob_cls.device)
+        return (torch.stack(terms) * w).sum() / w.sum()  # mean over all (student, teacher) pairs
+
+    @torch.no_grad()
+    def _metrics(
+        self, s: StudentOutput, cls_probs: torch.Tensor | None, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        m: dict[str, torch.Tensor] = {"temperature": s.temperature.detach().float()}
+        img = F.normalize(s.contrastive.cls_alt.float(), dim=-1)
+        txt = F.normalize(s.txt_alt.float(), dim=-1)
+        labels = torch.arange(img.shape[0], device=img.device)
+        m["contrastive_alt_acc"] = ((img @ txt.T).argmax(-1) == labels).float().mean()
+        if cls_probs is not None:
+            ent = -(cls_probs * cls_probs.clamp_min(1e-12).log()).sum(-1).mean()
+            m["teacher_entropy"] = ent
+        if masks is not None:
+            m["mask_ratio"] = masks.float().mean()
+        return m
+
+
+@OBJECTIVES.register("tipsv2")
+class TipsV2Objective(TipsObjective):
+    """TIPSv2: iBOT++ (all patch tokens) and head-only EMA; same code, other defaults."""
+
+    CONFIG = TipsV2ObjectiveConfig
