@@ -1,0 +1,120 @@
+"""`tips <verb> ...` == `python -m orchestrator <verb> ...`.
+
+Verbs:
+    train recipe=PATH [key=value ...] [--dry-run]   train (config errors stop before Ray starts)
+    eval  checkpoint=URI|released=V,T,VARIANT tasks=[...] ...
+    data  synth|pack|inspect ...
+
+Arguments are ``recipe=PATH`` plus dotted ``key=value`` overrides; there are no argparse
+flags mirroring config keys. A recipe path is looked up as given, then under the project's
+``recipes/`` folder; with no recipe, ``recipes/tiny_cpu.yaml`` is the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "tiny_cpu.yaml"
+USAGE = __doc__
+
+
+def resolve_recipe(value: str | None) -> Path:
+    """``recipe=`` as given, else relative to the project's recipes/ folder."""
+    name = value or DEFAULT_RECIPE
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # config.load reports it as not found
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
+    recipe, overrides, flags = None, [], set()
+    for arg in argv:
+        if arg.startswith("--"):
+            flags.add(arg)
+        elif arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return recipe, overrides, flags
+
+
+def main_train(argv: list[str]) -> int:
+    from orchestrator import config as config_lib
+
+    recipe, overrides, flags = split_args(argv)
+    unknown = flags - {"--dry-run"}
+    if unknown:
+        print(f"tips train: unknown flag(s) {sorted(unknown)}; only --dry-run", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_lib.load(resolve_recipe(recipe), overrides)
+    except config_lib.ConfigError as e:
+        print(f"tips train: config error: {e}", file=sys.stderr)
+        return 2
+    if "--dry-run" in flags:
+        print(config_lib.to_yaml(cfg), end="")
+        return 0
+    from orchestrator.metrics import read_history
+    from orchestrator.trainer import absolutize, fit, metrics_path
+
+    cfg = absolutize(cfg)
+    result = fit(cfg)
+    if result.error is not None:
+        print(f"tips train: training failed: {result.error}", file=sys.stderr)
+        return 1
+    path = metrics_path(cfg)
+    if path:
+        print(loss_curve_table(read_history(path)))
+        print(f"tips train: metrics history: {path}")
+    if result.checkpoint is not None:
+        print(f"tips train: final checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+def loss_curve_table(rows: list[dict[str, float]], max_rows: int = 11) -> str:
+    """A compact table of the loss terms at evenly spaced reports."""
+    if not rows:
+        return "tips train: no metrics were reported"
+    keep = sorted({round(i * (len(rows) - 1) / max(1, max_rows - 1)) for i in range(max_rows)})
+    terms = sorted(k for k in rows[-1] if k.startswith("loss/"))
+    header = ["step", *(t[5:] for t in terms), "samples/s"]
+    lines = [" | ".join(f"{h:>15}" for h in header)]
+    for i in keep:
+        r = rows[i]
+        cells = [f"{int(r.get('train/step', 0)):>15d}"]
+        cells += [f"{r.get(t, float('nan')):>15.4f}" for t in terms]
+        cells.append(f"{r.get('perf/samples_per_s', 0.0):>15.1f}")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb == "train":
+        return main_train(rest)
+    if verb == "eval":
+        from orchestrator.evaluate import main_eval
+
+        return main_eval(rest)
+    if verb == "data":
+        from orchestrator.data.cli import main_data
+
+        return main_data(rest)
+    print(f"tips: unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The per-worker training loop (the Ray Train function): the worker side, nothing else.
+
+    train_loop_per_worker({"config": to_dict(cfg), ...})    # run by TorchTrainer
+
+1. rebuild and re-validate the typed config; derive the world-size plan (micro-batch,
+   accumulation) so ``train.global_batch_size`` is constant across elastic restarts;
+2. build the objective; restore student, teacher, centres, optimizer and step from
+   ``ray.train.get_checkpoint()`` (a restart or a resubmitted run) or ``run.resume_from``;
+3. iterate the dataset shard; per optimizer step: ``accum_steps`` micro-batches of forward
+   + backward (bf16 autocast on GPU), a non-finite check agreed by all ranks, clip, step,
+   EMA teacher update, schedules indexed by the global step;
+4. every ``log_every_steps`` report metrics on all ranks (``report`` is a barrier); every
+   ``checkpoint_every_steps``, at the end, and once when a node is being drained for
+   preemption, rank 0 writes a complete checkpoint and hands it to Ray.
+
+Randomness inside a step (drop-path, masks are made by the pipeline) is seeded from
+(seed, step, rank), so a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train.v2.api.context import LocalTrainContext
+
+from orchestrator import config as config_lib
+from orchestrator.data.pipeline import pop_data_stats
+from orchestrator.metrics import (
+    IntervalMeter,
+    MetricsHistory,
+    TensorBoardWriter,
+    Throughput,
+    progress_line,
+)
+from orchestrator.optim import build_optimizer, build_schedules, set_lr
+from orchestrator.train_state import (
+    TrainState,
+    persist_checkpoint,
+    restore_checkpoint_dir,
+    step_seed,
+    write_checkpoint_dir,
+)
+from tips_model.objectives import StepState, build_objective
+from tips_model.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss."""
+
+
+def _threads(cfg: Any) -> int:
+    if cfg.train.torch_threads > 0:
+        return cfg.train.torch_threads
+    cpus = cfg.scaling.resources_per_worker.get("CPU", 1.0)
+    return max(1, math.ceil(cpus))
+
+
+def _restore(
+    cfg: Any, objective: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[TrainState, str | None]:
+    """Latest checkpoint of this run first (restart, resize, resubmission), then resume_from."""
+    checkpoint = ray.train.get_checkpoint()
+    source = "ray.train.get_checkpoint()"
+    if checkpoint is None and cfg.run.resume_from:
+        from orchestrator.storage import checkpoint_from_uri
+
+        checkpoint = checkpoint_from_uri(cfg.run.resume_from)
+        source = cfg.run.resume_from
+    if checkpoint is None:
+        return TrainState(seed=cfg.train.seed), None
+    with checkpoint.as_directory() as directory:
+        state = restore_checkpoint_dir(directory, objective, optimizer)
+    state.nonfinite_in_a_row = 0
+    return state, source
+
+
+def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    # 1. config and plan for this world size
+    _configure_worker_logging()
+    cfg = config_lib.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    world_size, rank = ctx.get_world_size(), ctx.get_world_rank()
+    plan = config_lib.derive(cfg, world_size)
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(_threads(cfg))
+    distributed = dist.is_available() and dist.is_initialized() and world_size > 1
+    # Ray Train local mode (num_workers=0) keeps reported checkpoints in memory only.
+    ctx_is_distributed = not isinstance(ctx, LocalTrainContext)
+    use_bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+
+    # 2. model, optimizer, schedules, state
+    tokenizer = build_tokenizer(
+        cfg.model.tokenizer, path=cfg.model.tokenizer_path, max_len=cfg.model.max_text_len
+    )
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
+    optimizer = build_optimizer(objective, cfg)
+    schedules = build_schedules(cfg)
+    state, source = _restore(cfg, objective, optimizer)
+    if source and rank == 0:
+        logger.info(
+            "resumed at step %d (%d samples) from %s", state.step, state.samples_seen, source
+        )
+    if distributed and cfg.scaling.strategy != "none":
+        objective.wrap_student(
+            lambda m: ray.train.torch.prepare_model(
+                m, move_to_device=False, parallel_strategy="ddp"
+            )
+        )
+    state.plan = {**plan.__dict__}
+    config_yaml = config_lib.to_yaml(cfg)
+    tb = TensorBoardWriter(loop_config.get("tensorboard_dir") if rank == 0 else None)
+    history = MetricsHistory(loop_config.get("metrics_path") if rank == 0 else None)
+
+    # 3. the loop
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(
+        shard.iter_torch_batches(
+            batch_size=plan.micro_batch, drop_last=True, prefetch_batches=2, device=device
+        )
+    )
+    meter, throughput = IntervalMeter(), Throughput()
+    preempt_every = max(1, cfg.train.preemption_check_every_steps)
+    saved_for_preemption = False
+    while state.step < plan.total_steps:
+        torch.manual_seed(step_seed(cfg.train.seed, state.step, rank))
+        sched = schedules.at(state.step)
+        step_state = StepState(
+            step=state.step,
+            teacher_temp=sched["teacher_temp"],
+            progress=state.step / plan.total_steps,
+        )
+        total = torch.zeros((), device=device)
+        for micro in range(plan.accum_steps):
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the data stream ended at step {state.step} ({state.samples_seen} samples);"
+                    " the pipeline should cover train.total_steps"
+                ) from None
+            throughput.data_wait(time.perf_counter() - t0)
+            for key, value in pop_data_stats(batch).items():
+                state.data_stats[key] = state.data_stats.get(key, 0.0) + value
+            position = int(batch.pop("sample_index").max()) + 1
+            batch.pop("epoch", None)
+            sync = micro == plan.accum_steps - 1 or not distributed
+            no_sync = contextlib.nullcontext() if sync else objective._runner[0].no_sync()
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+            with no_sync, autocast:
+                out = objective(batch, step_state)
+                (out.loss / plan.accum_steps).backward()
+            total = total + out.loss.detach() / plan.accum_steps
+            meter.add("loss", out.losses)
+            meter.add("metric", out.metrics)
+        if not _all_finite(total, distributed):
+            optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+            logger.warning(
+                "step %d: non-finite loss, step skipped (%d in a row)",
+                state.step,
+                state.nonfinite_in_a_row,
+            )
+            if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss "
+                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) at step "
+                    f"{state.step}; lower optim.lr or check the data"
+                )
+        else:
+            state.nonfinite_in_a_row = 0
+            if cfg.optim.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    objective.student.parameters(), cfg.optim.grad_clip_norm
+                )
+            if state.step < cfg.optim.freeze_last_layer_steps:
+                _zero_last_layer_grads(objective)
+            set_lr(optimizer, sched["lr"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            objective.update_teacher(sched["ema_momentum"])
+            meter.add("loss", {"total": total})
+        state.step += 1
+        state.samples_seen += plan.global_batch_size
+        state.data_position = _agree_position(position, device, distributed)
+        throughput.samples(plan.per_rank_batch)
+
+        # 4. report, checkpoint, preemption
+        preempted = False
+        if state.step % preempt_every == 0 and not saved_for_preemption:
+            preempted = ray.train.get_preemption_info() is not None
+        last = state.step >= plan.total_steps
+        want_ckpt = last or preempted or state.step % cfg.train.checkpoint_every_steps == 0
+        if want_ckpt or state.step % cfg.train.log_every_steps == 0:
+            metrics = _metrics(meter, throughput, state, sched, cfg, world_size)
+            checkpoint = None
+            if want_ckpt and rank == 0:
+                state.world_size_at_save = world_size
+                directory = write_checkpoint_dir(objective, optimizer, state, config_yaml)
+                checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_{state.step:08d}" if want_ckpt else None,
+            )
+            if checkpoint is not None:
+                if not ctx_is_distributed:
+                    # Local mode keeps reported checkpoints in memory: persist it ourselves.
+                    persist_checkpoint(directory, loop_config["run_uri"], cfg.storage)
+                # SYNC upload copied it to the run's storage; the temp copy is ours to remove.
+                shutil.rmtree(directory.parent, ignore_errors=True)
+            if rank == 0:
+                _configure_worker_logging()
+                logger.info(progress_line(metrics, plan.total_steps))
+                tb.write(metrics, state.step)
+                history.write(metrics)
+            if preempted:
+                saved_for_preemption = True
+                if rank == 0:
+                    logger.warning("node drain detected: checkpoint at step %d saved", state.step)
+    tb.close()
+
+
+def _configure_worker_logging() -> None:
+    """Ray workers start with Python's default WARNING level: show our INFO progress lines."""
+    # Ray Data applies a logging dictConfig when a dataset first runs in this process, which
+    # disables loggers that already exist: re-enable ours each time we are called.
+    for name, other in logging.root.manager.loggerDict.items():
+        if name.startswith(("orchestrator", "tips_model")) and isinstance(other, logging.Logger):
+            other.disabled = False
+    log = logging.getLogger("orchestrator")
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+def _agree_position(position: int, device: torch.device, distributed: bool) -> int:
+    """The stream position to resume from: the furthest input position any rank consumed.
+
+    With one worker and ordered execution this is exact. With several, Ray's streaming split
+    hands blocks to ranks dynamically, so a few rows prefetched by another rank may be
+    skipped on resume (never repeated); docs/design-changes.md, item 4.
+    """
+    if not distributed:
+        return position
+    t = torch.tensor([position], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _metrics(
+    meter: IntervalMeter,
+    throughput: Throughput,
+    state: TrainState,
+    sched: dict[str, float],
+    cfg: Any,
+    world_size: int,
+) -> dict[str, float]:
+    metrics: dict[str, float] = meter.pop()
+    metrics.update(throughput.pop())
+    o = cfg.objective
+    metrics.update(
+        {
+            "train/step": state.step,
+            "train/world_size": world_size,
+            "data/samples_seen": state.samples_seen,
+            "sched/lr": sched["lr"],
+            "sched/ema_momentum": sched["ema_momentum"],
+            "sched/teacher_temp": sched["teacher_temp"],
+            "train/nonfinite_steps": state.nonfinite_total,
+            "data/position": state.data_position,
+        }
+    )
+    metrics.update(state.data_stats)
+    for key in (
+        "alpha",
+        "beta",
+        "contrastive_alt_weight",
+        "contrastive_syn_weight",
+        "koleo_weight",
+    ):
+        if hasattr(o, key):
+            metrics[f"weight/{key}"] = float(getattr(o, key))
+    return metrics
+
+
+def _zero_last_layer_grads(objective: torch.nn.Module) -> None:
+    """DINOv2's ``freeze_last_layer``: keep the prototypes fixed early in training."""
+    for name, p in objective.student.named_parameters():
+        if "last_layer" in name and p.grad is not None:
+            p.grad = None

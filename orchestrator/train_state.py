@@ -1,0 +1,143 @@
+"""Checkpoint directories: what a run must carry to resume exactly, written safely.
+
+Layout (DESIGN.md, Checkpoints): ``checkpoint_<step:08d>/`` with
+  model.pt          the objective's state_dict (student, teacher/EMA heads, loss centres,
+                    temperature)
+  optim.pt          optimizer state
+  train_state.json  step, samples seen (the data position), seeds, world size at save, plan
+  config.yaml       the resolved run config
+
+A checkpoint is built whole in a fresh temporary directory and only then handed to Ray,
+which copies it to the run's storage; the last good checkpoint is never written into. Each
+file is itself written to a temp name and renamed, so a crash mid-write leaves no
+half-written file under its final name.
+
+RNG state is not stored: every random draw in a step is seeded from (seed, step, rank), so
+the state at step k is a pure function of k (see ``step_seed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tips_model.checkpoints import CheckpointError, load_state_dict, save_state_dict
+
+CHECKPOINT_FILES = ("model.pt", "optim.pt", "train_state.json", "config.yaml")
+__all__ = ["CHECKPOINT_FILES", "CheckpointError", "TrainState"]
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # global samples trained on (steps x global batch)
+    data_position: int = 0  # input position of the stream to resume from (skips included)
+    data_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # skipped records
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    world_size_at_save: int = 0
+    seed: int = 0
+    plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A stable 63-bit seed for (run seed, step, rank): no hidden RNG state to checkpoint."""
+    return zlib.crc32(f"{seed}/{step}/{rank}".encode()) * 2654435761 % (2**63 - 1)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_checkpoint_dir(
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config_yaml: str,
+) -> Path:
+    """Write a complete checkpoint into a new temp directory and return its path.
+
+    The directory is named ``checkpoint_<step:08d>`` inside a fresh ``mkdtemp`` parent so the
+    name Ray stores it under is stable.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="tips-ckpt-"))
+    out = parent / f"checkpoint_{state.step:08d}"
+    out.mkdir()
+    save_state_dict(objective.state_dict(), out / "model.pt")
+    save_state_dict(optimizer.state_dict(), out / "optim.pt")
+    _write_json(out / "train_state.json", dataclasses.asdict(state))
+    (out / "config.yaml.tmp").write_text(config_yaml)
+    os.replace(out / "config.yaml.tmp", out / "config.yaml")
+    return out
+
+
+def read_train_state(directory: str | Path) -> TrainState:
+    path = Path(directory) / "train_state.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{directory}: no train_state.json (incomplete checkpoint)") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
+
+
+def restore_checkpoint_dir(
+    directory: str | Path,
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> TrainState:
+    """Load model, optimizer and train state from a checkpoint directory (strict)."""
+    directory = Path(directory)
+    missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: incomplete checkpoint, missing {missing}")
+    state_dict = load_state_dict(directory / "model.pt")
+    result = objective.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory}/model.pt does not match the configured objective: "
+            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
+        )
+    if optimizer is not None:
+        optimizer.load_state_dict(load_state_dict(directory / "optim.pt"))
+    return read_train_state(directory)
+
+
+def persist_checkpoint(directory: Path, run_uri: str, storage: Any = None) -> str:
+    """Copy a finished checkpoint directory into the run directory, whole or not at all.
+
+    Used in Ray Train local mode, where Ray keeps reported checkpoints in memory only.
+    Local disk: copied to ``<name>.partial`` and renamed when complete. S3 has no rename:
+    ``train_state.json`` is written last, and a checkpoint without it counts as incomplete
+    (``restore_checkpoint_dir`` and ``storage.latest_train_state`` both check).
+    """
+    import pyarrow.fs as pafs
+
+    from orchestrator.storage import filesystem, is_s3, join_uri, write_bytes
+
+    dest_uri = join_uri(run_uri, directory.name)
+    if is_s3(dest_uri):
+        names = sorted(CHECKPOINT_FILES, key=lambda n: n == "train_state.json")
+        for name in names:
+            write_bytes(join_uri(dest_uri, name), (directory / name).read_bytes(), storage)
+        return dest_uri
+    fs, dest = filesystem(dest_uri, storage)
+    partial = dest + ".partial"
+    fs.create_dir(partial, recursive=True)
+    pafs.copy_files(str(directory), partial, destination_filesystem=fs)
+    if fs.get_file_info(dest).type != pafs.FileType.NotFound:
+        fs.delete_dir(dest)
+    fs.move(partial, dest)
+    return dest_uri

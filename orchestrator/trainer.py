@@ -1,0 +1,180 @@
+"""The driver: build the TorchTrainer for a validated config and run it.
+
+    result = fit(cfg)            # what `tips train recipe=...` calls after config.load
+
+* ``ScalingConfig(num_workers=(min, max))`` makes the run elastic: any worker or node loss,
+  or capacity coming back, restarts the worker group from the latest checkpoint with as
+  many workers as fit (RAY_NOTES 1.3). ``min_workers = max_workers = 0`` is Ray Train's
+  local mode (the loop runs in this process; handy for tests and debugging).
+* ``RunConfig(name, storage_path)`` with a stable name: rerunning the same command resumes
+  from the run's latest checkpoint (RAY_NOTES 1.4).
+* The train dataset is handed to Train as a *factory*, which Ray calls again at every
+  worker-group (re)start; the factory reads the data position of the latest checkpoint
+  of this run, so the new stream starts where the checkpoint left off (DESIGN.md,
+  Checkpoints).
+* Paths are made absolute before they cross into workers (workers chdir into a run dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from orchestrator import config as config_lib
+
+logger = logging.getLogger(__name__)
+
+
+def _abs_uri(uri: str | None) -> str | None:
+    if uri is None or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def absolutize(cfg: Any) -> Any:
+    """Local paths in the config made absolute (Ray workers run in another directory)."""
+    overrides: dict[str, Any] = {
+        "data.train_uri": _abs_uri(cfg.data.train_uri),
+        "run.storage_uri": _abs_uri(cfg.run.storage_uri),
+    }
+    if cfg.data.eval_uri:
+        overrides["data.eval_uri"] = _abs_uri(cfg.data.eval_uri)
+    if cfg.run.resume_from:
+        overrides["run.resume_from"] = _abs_uri(cfg.run.resume_from)
+    if cfg.model.tokenizer_path:
+        overrides["model.tokenizer_path"] = _abs_uri(cfg.model.tokenizer_path)
+    return config_lib.with_overrides(cfg, overrides)
+
+
+def run_uri(cfg: Any, name: str | None = None) -> str:
+    return f"{cfg.run.storage_uri.rstrip('/')}/{name or cfg.run.name}"
+
+
+def metrics_path(cfg: Any, name: str | None = None) -> str | None:
+    """Rank 0's ``metrics.jsonl`` (local storage only; S3 runs use TensorBoard/Ray metrics)."""
+    if "://" in cfg.run.storage_uri:
+        return None
+    return str(Path(cfg.run.storage_uri) / (name or cfg.run.name) / "metrics.jsonl")
+
+
+def required_keys(cfg: Any) -> set[str]:
+    """Batch keys the configured objective reads (built on the meta device: no memory)."""
+    import torch
+
+    from tips_model.objectives import build_objective
+    from tips_model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.model.tokenizer, cfg.model.tokenizer_path, cfg.model.max_text_len)
+    with torch.device("meta"):
+        return build_objective(cfg.objective, cfg.model, tok.vocab_size).required_batch_keys()
+
+
+class TrainDatasetFactory:
+    """Called by Ray Train at every worker-group (re)start: a stream from the data position
+    of the latest checkpoint of this run (or of ``run.resume_from``) to the end of training."""
+
+    def __init__(self, cfg: Any, run_uri: str) -> None:
+        self.cfg_dict = config_lib.to_dict(cfg)
+        self.run_uri = run_uri
+
+    def __call__(self) -> ray.data.Dataset:
+        from orchestrator.data.pipeline import build_train_stream
+        from orchestrator.storage import latest_train_state
+
+        cfg = config_lib.from_dict(self.cfg_dict)
+        # Runs in the train controller: the DataContext is captured when the dataset is built.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        state = latest_train_state(self.run_uri, cfg.storage)
+        if state is None and cfg.run.resume_from:
+            state = latest_train_state(cfg.run.resume_from, cfg.storage, is_checkpoint=True)
+        start = state.data_position if state is not None else 0
+        done = state.samples_seen if state is not None else 0
+        total = cfg.train.total_steps * cfg.train.global_batch_size
+        logger.info(
+            "train stream from input position %d (%d of %d samples done)", start, done, total
+        )
+        return build_train_stream(
+            cfg,
+            patch_size=config_lib.patch_size(cfg.model),
+            start_sample=start,
+            num_samples=max(total - done, 0),
+            required_keys=required_keys(cfg),
+            preserve_order=True,  # exact resume needs the seeded order (DESIGN: Checkpoints)
+        )
+
+
+def build_trainer(
+    cfg: Any,
+    *,
+    name: str | None = None,
+    callbacks: list[Any] | None = None,
+    extra_loop_config: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for ``cfg`` (already validated and absolutized)."""
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from orchestrator.storage import train_storage
+    from orchestrator.train import train_loop_per_worker
+
+    s, r = cfg.scaling, cfg.run
+    name = name or r.name
+    num_workers: int | tuple[int, int] = (
+        s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
+    )
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker=dict(s.resources_per_worker),
+        accelerator_type=s.accelerator_type,
+        placement_strategy=s.placement_strategy,
+    )
+    storage_path, storage_fs = train_storage(r.storage_uri, cfg.storage)
+    run_config = RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        failure_config=FailureConfig(
+            max_failures=r.max_failures, max_preemption_failures=r.max_preemption_failures
+        ),
+        checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
+        callbacks=callbacks or [],
+    )
+    tb_dir = None
+    if r.tensorboard and "://" not in r.storage_uri:
+        tb_dir = str(Path(r.storage_uri) / name / "tensorboard")
+    DataContext.get_current().enable_progress_bars = False
+    execution = ray.data.ExecutionOptions(preserve_order=True)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config_lib.to_dict(cfg),
+            "tensorboard_dir": tb_dir,
+            "metrics_path": metrics_path(cfg, name),
+            "run_uri": run_uri(cfg, name),
+            **(extra_loop_config or {}),
+        },
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets={"train": TrainDatasetFactory(cfg, run_uri(cfg, name))},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution),
+    )
+
+
+def fit(cfg: Any, *, name: str | None = None) -> ray.train.Result:
+    """Validate paths, start or attach to Ray, train, and return the Result."""
+    cfg = absolutize(cfg)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init()
+    trainer = build_trainer(cfg, name=name)
+    return trainer.fit()
