@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-all lint format clean
+.PHONY: demo test test-slow test-all lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -12,6 +12,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 .venv: $(STAMP)
+
+# The laptop demo: synthetic shards, then the tiny recipe on a local Ray (one CPU worker).
+demo: $(STAMP)
+	$(VENV)/bin/tips data synth --out demo_data/synth --n 1024 --seed 0 --overwrite
+	rm -rf runs/tiny_cpu_demo
+	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/tips train \
+		recipe=recipes/tiny_cpu.yaml data.train_uri=demo_data/synth/train \
+		run.storage_uri=runs run.name=tiny_cpu_demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -71,7 +71,15 @@ def main_train(argv: list[str]) -> int:
         return 1
     path = metrics_path(cfg)
     if path:
-        print(loss_curve_table(read_history(path)))
+        rows = read_history(path)
+        print(loss_curve_table(rows))
+        evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+        if evals:
+            last = evals[-1]
+            shown = ", ".join(
+                f"{k[5:]} {v:.2f}" for k, v in sorted(last.items()) if k.startswith("eval/")
+            )
+            print(f"tips train: eval at step {int(last['train/step'])}: {shown}")
         print(f"tips train: metrics history: {path}")
     if result.checkpoint is not None:
         print(f"tips train: final checkpoint: {result.checkpoint.path}")

@@ -131,7 +131,11 @@ class TrainConfig:
     seed: int = 0
     log_every_steps: int = 10
     checkpoint_every_steps: int = 500
-    eval_every_steps: int = 0  # 0 = no periodic evaluation
+    eval_every_steps: int = 0  # 0 = no periodic evaluation (rank 0, on data.eval_uri)
+    eval_tasks: list[str] = field(
+        default_factory=lambda: ["zero_shot_seg", "retrieval", "zero_shot_cls"]
+    )
+    eval_max_images: int = 32  # images per periodic evaluation (a quick signal, not a benchmark)
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU reservation
     preemption_check_every_steps: int = 5  # ray.train.get_preemption_info() is a barrier

@@ -211,8 +211,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             preempted = ray.train.get_preemption_info() is not None
         last = state.step >= plan.total_steps
         want_ckpt = last or preempted or state.step % cfg.train.checkpoint_every_steps == 0
-        if want_ckpt or state.step % cfg.train.log_every_steps == 0:
+        every = cfg.train.eval_every_steps
+        want_eval = every > 0 and (state.step % every == 0 or last)
+        if want_ckpt or want_eval or state.step % cfg.train.log_every_steps == 0:
             metrics = _metrics(meter, throughput, state, sched, cfg, world_size)
+            if want_eval and rank == 0:  # only rank 0's metrics are kept by Ray
+                metrics.update(_periodic_eval(objective, tokenizer, cfg))
             checkpoint = None
             if want_ckpt and rank == 0:
                 state.world_size_at_save = world_size
@@ -239,6 +243,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     logger.warning("node drain detected: checkpoint at step %d saved", state.step)
     tb.close()
+
+
+def _periodic_eval(objective: torch.nn.Module, tokenizer: Any, cfg: Any) -> dict[str, float]:
+    """Quick evaluation of the student towers on the eval split (``eval/<task>/<metric>``)."""
+    from orchestrator.eval.periodic import evaluate_during_training
+
+    student = objective.student
+    return evaluate_during_training(
+        student.vision,
+        student.text,
+        tokenizer,
+        float(student.temperature().detach()),
+        cfg.data.eval_uri,
+        tasks=tuple(cfg.train.eval_tasks),
+        max_images=cfg.train.eval_max_images,
+    )
 
 
 def _configure_worker_logging() -> None:
@@ -284,6 +304,7 @@ def _metrics(
     metrics.update(
         {
             "train/step": state.step,
+            "time/unix": time.time(),
             "train/world_size": world_size,
             "data/samples_seen": state.samples_seen,
             "sched/lr": sched["lr"],

@@ -115,8 +115,14 @@ def build_trainer(
     name: str | None = None,
     callbacks: list[Any] | None = None,
     extra_loop_config: dict[str, Any] | None = None,
+    train_dataset: Any = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for ``cfg`` (already validated and absolutized)."""
+    """A TorchTrainer for ``cfg`` (already validated and absolutized).
+
+    ``train_dataset`` replaces the shard pipeline (a Ray Dataset, or a callable returning
+    one at every worker-group start) for users with their own Ray Data stream; its rows must
+    follow the batch contract plus an int64 ``sample_index`` column (the data position).
+    """
     from ray.data import DataContext
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -162,7 +168,7 @@ def build_trainer(
         },
         scaling_config=scaling,
         run_config=run_config,
-        datasets={"train": TrainDatasetFactory(cfg, run_uri(cfg, name))},
+        datasets={"train": train_dataset or TrainDatasetFactory(cfg, run_uri(cfg, name))},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
 
