@@ -20,6 +20,7 @@ Randomness inside a step (drop-path, masks are made by the pipeline) is seeded f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -315,15 +316,9 @@ def _metrics(
         }
     )
     metrics.update(state.data_stats)
-    for key in (
-        "alpha",
-        "beta",
-        "contrastive_alt_weight",
-        "contrastive_syn_weight",
-        "koleo_weight",
-    ):
-        if hasattr(o, key):
-            metrics[f"weight/{key}"] = float(getattr(o, key))
+    for f in dataclasses.fields(o):  # every objective's loss weights, next to its terms
+        if f.name in ("alpha", "beta") or f.name.endswith("_weight"):
+            metrics[f"weight/{f.name}"] = float(getattr(o, f.name))
     return metrics
 
 

@@ -380,6 +380,8 @@ class VisionTransformer(nn.Module):
 _ARCHS: dict[str, dict[str, Any]] = {
     "vit_s14": dict(embed_dim=384, depth=12, num_heads=6, mlp_hidden_dim=1536),
     "vit_b14": dict(embed_dim=768, depth=12, num_heads=12, mlp_hidden_dim=3072),
+    # B/16: the CLOC and MUG papers' backbone size (not a TIPS release)
+    "vit_b16": dict(embed_dim=768, depth=12, num_heads=12, mlp_hidden_dim=3072, patch_size=16),
     "vit_l14": dict(embed_dim=1024, depth=24, num_heads=16, mlp_hidden_dim=4096),
     "vit_so400m14": dict(embed_dim=1152, depth=27, num_heads=16, mlp_hidden_dim=4304),
     "vit_g14": dict(embed_dim=1536, depth=40, num_heads=24, mlp_hidden_dim=6144, ffn="swiglu"),
@@ -404,6 +406,12 @@ def vit_s14(**overrides: Any) -> VisionTransformer:
 def vit_b14(**overrides: Any) -> VisionTransformer:
     """ViT-B/14: D 768, 12 blocks, 12 heads, MLP 3072."""
     return _make(_ARCHS["vit_b14"], overrides)
+
+
+@VISION.register("vit_b16")
+def vit_b16(**overrides: Any) -> VisionTransformer:
+    """ViT-B/16: D 768, 12 blocks, 12 heads, MLP 3072, patch 16 (CLOC / MUG comparisons)."""
+    return _make(_ARCHS["vit_b16"], overrides)
 
 
 @VISION.register("vit_l14")

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from tips_model.objectives import tips  # noqa: F401  (registers "tips" and "tipsv2")
+from tips_model.objectives import cloc, mug, tips  # noqa: F401  (registers by name)
 from tips_model.objectives.base import (
     ModelConfig,
     Objective,
@@ -16,11 +16,15 @@ from tips_model.objectives.base import (
     list_objectives,
     objective_config_class,
 )
+from tips_model.objectives.cloc_config import ClocObjectiveConfig
+from tips_model.objectives.mug_config import MugObjectiveConfig
 from tips_model.objectives.tips_config import TipsObjectiveConfig, TipsV2ObjectiveConfig
 
 names = list_objectives
 
 __all__ = [
+    "ClocObjectiveConfig",
+    "MugObjectiveConfig",
     "ModelConfig",
     "Objective",
     "ObjectiveOutput",
