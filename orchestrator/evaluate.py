@@ -69,6 +69,10 @@ class EvalRequest:
         return f"released={self.released}" if self.released else str(self.checkpoint)
 
 
+TEXT_TASKS = ("zero_shot_cls", "retrieval", "zero_shot_seg")
+VISION_TASKS = ("linear_seg", "depth", "knn")
+
+
 def run_eval(
     model: Encoders | str,
     tasks: Sequence[str] = ALL_TASKS,
@@ -102,6 +106,12 @@ def run_eval(
     modules = [get_task(t) for t in tasks]  # unknown names fail before any loading
     enc = load_encoders(model, which=which) if isinstance(model, str) else model
     enc.to(pick_device(device))
+    text_tasks = [m.TASK for m in modules if m.TASK in TEXT_TASKS]
+    if enc.text is None and text_tasks:
+        raise LoadError(
+            f"{enc.source or 'model'} has no text tower (a vision-only objective such as mug): "
+            f"tasks {text_tasks} need one; run {[t for t in VISION_TASKS if t in tasks]} instead"
+        )
     datasets: dict[tuple[str, str], EvalDataset] = {}
     results = []
     with eval_mode(enc.vision, enc.text):

@@ -249,15 +249,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _periodic_eval(objective: torch.nn.Module, tokenizer: Any, cfg: Any) -> dict[str, float]:
     """Quick evaluation of the student towers on the eval split (``eval/<task>/<metric>``)."""
     from orchestrator.eval.periodic import evaluate_during_training
+    from orchestrator.evaluate import VISION_TASKS
 
     student = objective.student
+    text = getattr(student, "text", None)
+    tasks = tuple(t for t in cfg.train.eval_tasks if text is not None or t in VISION_TASKS)
+    if not tasks:  # a vision-only objective (MUG) with only text tasks configured
+        return {}
+    temp = getattr(student, "temperature", None)
     return evaluate_during_training(
         student.vision,
-        student.text,
+        text,
         tokenizer,
-        float(student.temperature().detach()),
+        float(temp().detach()) if temp is not None else 1.0,
         cfg.data.eval_uri,
-        tasks=tuple(cfg.train.eval_tasks),
+        tasks=tasks,
         max_images=cfg.train.eval_max_images,
     )
 

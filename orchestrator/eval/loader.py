@@ -48,19 +48,21 @@ class Encoders:
     """
 
     vision: nn.Module
-    text: nn.Module
+    text: nn.Module | None  # None for vision-only objectives (MUG): only vision tasks run
     tokenizer: Any
     temperature: float
     source: str = ""
 
     def to(self, device: torch.device | str) -> Encoders:
         self.vision.to(device)
-        self.text.to(device)
+        if self.text is not None:
+            self.text.to(device)
         return self
 
     def eval(self) -> Encoders:
         self.vision.eval()
-        self.text.eval()
+        if self.text is not None:
+            self.text.eval()
         return self
 
 
@@ -85,8 +87,10 @@ def encoders_from_objective(
         vision = teacher["vision"]
     else:
         raise LoadError(f"which must be 'student' or 'teacher', got {which!r}")
-    temperature = float(student.temperature().detach())
-    return Encoders(vision, student.text, tokenizer, temperature, source).eval()
+    text = getattr(student, "text", None)
+    temp_module = getattr(student, "temperature", None)
+    temperature = float(temp_module().detach()) if temp_module is not None else 1.0
+    return Encoders(vision, text, tokenizer, temperature, source).eval()
 
 
 def _fetch(uri: str) -> Path:

@@ -142,8 +142,9 @@ def encode_texts(
 
 
 @contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put modules in eval mode, restoring each one's previous mode afterwards."""
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Put modules in eval mode, restoring each one's previous mode afterwards (None: skip)."""
+    modules = tuple(m for m in modules if m is not None)
     was = [m.training for m in modules]
     try:
         for m in modules:
