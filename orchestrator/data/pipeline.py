@@ -1,0 +1,473 @@
+"""The Ray Data training stream: read -> decode -> multi-crop -> mask -> captions -> tokens.
+
+    ds = build_dataset(cfg, patch_size=p, epoch=e, skip_samples=n, required_keys=keys)
+    ds = build_train_stream(cfg, patch_size=p, start_sample=s, num_samples=k, required_keys=keys)
+    for batch in ds.iter_torch_batches(batch_size=B): ...   # batch contract, DESIGN.md
+
+Batch contract: ``global_crops [B, G, 3, H, W]`` uint8, ``local_crops [B, M, 3, h, w]`` uint8
+(omitted when M = 0), ``masks [B, G, H/p, W/p]`` bool, ``alt_ids`` / ``syn_ids [B, T]``
+int64, ``syn_kind [B]`` int64 (index into the sorted configured caption kinds); only the
+``required_keys`` are made. Every row also carries ``sample_index`` and ``epoch`` (int64) and
+the ``STAT_COLUMNS`` counters; no string column reaches ``iter_torch_batches``.
+
+The stream. Shards are listed once (``list_shards``); the read unit is a Parquet row group or
+a whole tar. Epoch ``e`` visits every unit once, in an order shuffled by ``(seed, e)``
+(``data.shuffle_files``); with ``data.local_shuffle_buffer_size = W > 0`` records are also
+permuted within windows of W consecutive records of a unit. An epoch has ``N`` input
+records, and the stream over all epochs is indexed by input position ``q = e * N + i``. Ray
+Data runs ``range(units)`` -> streaming repartition to one unit id per block -> one map task
+per unit: each task re-derives its epoch's order from the seed and reads its unit itself,
+so nothing is listed again per epoch, tasks stay short (no head-of-line blocking under
+preserve_order), and only uint8 crops cross the object store.
+
+Determinism and exact resume. Every random choice for a record (crops, flips, mask, caption
+kind) comes from ``record_rng(seed, epoch, key, stream)``, so a record's output does not
+depend on process, batch or order. ``build_dataset(epoch=e, skip_samples=n)`` and
+``build_train_stream(start_sample=s)`` rebuild the same seeded order and start at input
+position ``e * N + n`` (or ``s``), dropping the skipped records before decoding. With
+``DataContext.execution_options.preserve_order`` (the trainer sets it) the rows after a skip
+are exactly the tail of the un-skipped stream; without it Ray may interleave task outputs
+(faster when one task is slow, but the row order is then not reproducible). Positions count
+input records: when records before the resume point were skipped as corrupt, the resumed
+stream replays that many records; it never loses any.
+
+Bad data is never fatal and never silent: a record whose image fails to decode
+(``skipped_corrupt``), that has no text (``skipped_no_caption``) or that cannot be read
+(truncated shard or row group: ``skipped_unreadable``) is dropped and counted on the next row
+the same unit emits (the last row takes the unit's remainder); ``caption_fallback`` counts
+caption fallbacks (``captions.py``). ``pop_data_stats(batch)`` turns them into the trainer's
+``data/<name>`` metrics. A shard that cannot be opened at all is logged by name at build
+time and listed in ``StreamPlan.unreadable``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from orchestrator import storage as st
+from orchestrator.data.augment import (
+    STREAM_CAPTIONS,
+    STREAM_CROPS,
+    STREAM_MASKS,
+    CropSpec,
+    multi_crop,
+    record_rng,
+)
+from orchestrator.data.captions import CaptionSampler, cached_tokenizer, tokenize_pair
+from orchestrator.data.shards import BadRecord, ShardError, ShardInfo, iter_unit, list_shards
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("global_crops", "local_crops", "masks", "alt_ids", "syn_ids", "syn_kind")
+INDEX_COLUMNS = ("sample_index", "epoch")
+SKIP_COLUMNS = ("skipped_corrupt", "skipped_unreadable", "skipped_no_caption")
+STAT_COLUMNS = (*SKIP_COLUMNS, "caption_fallback")
+_REASON_COLUMN = {"corrupt": "skipped_corrupt", "unreadable": "skipped_unreadable"}
+_MAX_BLOCKS = 2000
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Everything a map task needs to turn records into rows (hashable: cached per worker)."""
+
+    spec: CropSpec
+    keys: frozenset[str]
+    patch_size: int
+    mask: tuple[float, float, float, int, float]  # probability, ratio min/max, min patches, aspect
+    caption_ratios: tuple[tuple[str, float], ...]
+    tokenizer: tuple[str, str | None, int]  # kind, path, max_len
+    map_batch_size: int
+    draft: bool
+    threads: int
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """The seeded unit order of every epoch and the input-position range of one stream."""
+
+    shards: tuple[ShardInfo, ...]
+    unit_shard: np.ndarray  # [U] shard index of each unit
+    unit_index: np.ndarray  # [U] row-group index inside its shard
+    unit_rows: np.ndarray  # [U] records per unit
+    seed: int
+    shuffle: bool
+    local_shuffle: int
+    start: int  # first input position (inclusive)
+    stop: int  # last input position (exclusive)
+    storage: st.S3Settings
+    unreadable: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def epoch_rows(self) -> int:
+        return int(self.unit_rows.sum())
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_rows)
+
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(units in visiting order [U], their first position within the epoch [U])``."""
+        cache = self._orders
+        if epoch not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            cache[epoch] = _epoch_order(self.seed, self.shuffle, epoch, self.unit_rows)
+        return cache[epoch]
+
+    @functools.cached_property
+    def _orders(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {}  # per-instance cache (cached_property writes __dict__: fine when frozen)
+
+    def with_range(self, start: int, stop: int) -> StreamPlan:
+        return dataclasses.replace(self, start=int(start), stop=int(stop))
+
+    def unit_at(self, position: int) -> int:
+        """Global unit index (``epoch * U + k``) of the unit holding input ``position``."""
+        epoch, within = divmod(position, self.epoch_rows)
+        _, offsets = self.order(epoch)
+        k = int(np.searchsorted(offsets, within, side="right")) - 1
+        return epoch * self.num_units + k
+
+
+def _epoch_order(
+    seed: int, shuffle: bool, epoch: int, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    order = np.arange(len(rows))
+    if shuffle:
+        order = np.random.default_rng([seed % 2**63, epoch, 0x5EED]).permutation(len(rows))
+    offsets = np.concatenate([[0], np.cumsum(rows[order])[:-1]]).astype(np.int64)
+    return order, offsets
+
+
+def record_settings(cfg: Any, patch_size: int, required_keys: set[str] | None) -> RecordSettings:
+    keys = set(BATCH_KEYS if required_keys is None else required_keys)
+    unknown = keys - set(BATCH_KEYS)
+    if unknown:
+        raise ValueError(
+            f"the data pipeline cannot make batch keys {sorted(unknown)}; "
+            f"it makes {list(BATCH_KEYS)}"
+        )
+    if cfg.augment.num_local_crops == 0:
+        keys.discard("local_crops")  # M = 0: the key is omitted, never [B, 0, ...]
+    if "syn_ids" in keys:
+        keys.add("syn_kind")
+    m, model = cfg.masking, cfg.model
+    return RecordSettings(
+        spec=CropSpec.from_config(cfg.augment),
+        keys=frozenset(keys),
+        patch_size=int(patch_size),
+        mask=(m.mask_probability, m.ratio_min, m.ratio_max, m.min_num_patches, m.min_aspect),
+        caption_ratios=tuple(
+            sorted((str(k), float(v)) for k, v in cfg.data.caption_ratios.items())
+        ),
+        tokenizer=(model.tokenizer, model.tokenizer_path, int(model.max_text_len)),
+        map_batch_size=int(cfg.data.map_batch_size),
+        draft=bool(cfg.data.decode_draft),
+        threads=max(1, int(cfg.data.num_cpus_per_map_task)),
+    )
+
+
+def plan_stream(cfg: Any, split: str = "train") -> StreamPlan:
+    """List the shards of ``split`` once and fix the seeded unit order (positions: epoch 0).
+
+    Args:
+        cfg: the run config.
+        split: "train" (``data.train_uri``) or "eval" (``data.eval_uri``, never shuffled).
+
+    Raises:
+        ShardError: no readable record, or a shard with the wrong schema.
+    """
+    uri = cfg.data.train_uri if split == "train" else cfg.data.eval_uri
+    if not uri:
+        raise ShardError(f"data.{split}_uri is not set")
+    uri = st.normalize_uri(uri)
+    listing = list_shards(uri, cfg.storage, cfg.data.format)
+    shards = tuple(s for s in listing.shards if s.num_rows > 0)
+    if not shards:
+        raise ShardError(f"{uri}: no readable records (unreadable shards: {listing.unreadable})")
+    pairs = [(i, g, n) for i, s in enumerate(shards) for g, n in enumerate(s.row_groups) if n]
+    unit_shard, unit_index, unit_rows = (np.asarray(c, dtype=np.int64) for c in zip(*pairs))
+    total = int(unit_rows.sum())
+    logger.info(
+        "%s: %d shards, %d read units, %d records per epoch%s",
+        uri,
+        len(shards),
+        len(unit_rows),
+        total,
+        f"; {len(listing.unreadable)} unreadable shards" if listing.unreadable else "",
+    )
+    return StreamPlan(
+        shards=shards,
+        unit_shard=unit_shard,
+        unit_index=unit_index,
+        unit_rows=unit_rows,
+        seed=int(cfg.data.seed),
+        shuffle=bool(cfg.data.shuffle_files) and split == "train",
+        local_shuffle=int(cfg.data.local_shuffle_buffer_size) if split == "train" else 0,
+        start=0,
+        stop=total,
+        storage=st.s3_settings(cfg.storage),
+        unreadable=tuple(listing.unreadable),
+    )
+
+
+def _dataset(
+    plan: StreamPlan, settings: RecordSettings, cfg: Any, preserve_order: bool | None
+) -> ray.data.Dataset:
+    if plan.stop <= plan.start:
+        raise ValueError(f"empty stream: positions [{plan.start}, {plan.stop})")
+    first, last = plan.unit_at(plan.start), plan.unit_at(plan.stop - 1)
+    count = last - first + 1
+    blocks = min(count, cfg.data.read_parallelism or _MAX_BLOCKS)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    if preserve_order is not None:  # a Dataset captures the context at creation
+        ctx.execution_options.preserve_order = preserve_order
+    try:
+        # Unit ids are planned in <= 2000 blocks (planning cost grows with the block count),
+        # then split into one block per unit by a streaming repartition, so each map task
+        # reads one unit: short tasks keep preserve_order from serialising the stream.
+        ds = ray.data.range(count, override_num_blocks=blocks)
+        ds = ds.repartition(target_num_rows_per_block=1)
+        return ds.map_batches(
+            _process_units,
+            batch_size=None,
+            fn_kwargs={"plan": plan, "settings": settings, "first_unit": first},
+            num_cpus=cfg.data.num_cpus_per_map_task,
+        )
+    finally:
+        ctx.execution_options.preserve_order = saved
+
+
+def build_dataset(
+    cfg: Any,
+    *,
+    split: str = "train",
+    patch_size: int,
+    epoch: int = 0,
+    skip_samples: int = 0,
+    required_keys: set[str] | None = None,
+    preserve_order: bool | None = None,
+) -> ray.data.Dataset:
+    """One epoch of ``split`` as a lazy Ray Dataset of batch-contract rows.
+
+    Args:
+        cfg: the run config (``TipsConfig``).
+        split: "train" or "eval".
+        patch_size: the vision tower's patch size (mask grid = crop size / patch size).
+        epoch: which epoch's seeded order and augmentations.
+        skip_samples: input records of this epoch already consumed (exact mid-epoch resume).
+        required_keys: the objective's batch keys (None = all of ``BATCH_KEYS``).
+        preserve_order: set ``DataContext.execution_options.preserve_order`` for this
+            dataset (None = leave the current context as it is).
+    """
+    plan = plan_stream(cfg, split)
+    n = plan.epoch_rows
+    plan = plan.with_range(epoch * n + skip_samples, (epoch + 1) * n)
+    return _dataset(plan, record_settings(cfg, patch_size, required_keys), cfg, preserve_order)
+
+
+def build_train_stream(
+    cfg: Any,
+    *,
+    patch_size: int,
+    start_sample: int = 0,
+    num_samples: int | None = None,
+    required_keys: set[str] | None = None,
+    preserve_order: bool | None = None,
+) -> ray.data.Dataset:
+    """A multi-epoch training stream from input position ``start_sample`` on.
+
+    The stream covers ``num_samples`` positions plus one extra epoch, so records skipped as
+    bad never leave the trainer short of rows (it stops at ``train.total_steps``).
+    ``num_samples`` None = to the end of the epoch holding ``start_sample``.
+    """
+    plan = plan_stream(cfg)
+    n = plan.epoch_rows
+    stop = (start_sample // n + 1) * n if num_samples is None else start_sample + num_samples + n
+    plan = plan.with_range(start_sample, stop)
+    return _dataset(plan, record_settings(cfg, patch_size, required_keys), cfg, preserve_order)
+
+
+def pop_data_stats(batch: dict[str, Any]) -> dict[str, float]:
+    """Remove the ``STAT_COLUMNS`` from a batch; return ``{"data/<name>": sum}``."""
+    return {f"data/{c}": float(batch.pop(c).sum()) for c in STAT_COLUMNS if c in batch}
+
+
+# --------------------------------------------------------------------------- map task
+
+
+class _Processor:
+    """Per-worker state: tokenizer, mask generator, caption sampler (built once)."""
+
+    def __init__(self, s: RecordSettings) -> None:
+        import torch
+
+        from tips_model.masking import BlockMaskGenerator
+
+        torch.set_num_threads(s.threads)
+        self.s = s
+        self.sampler = CaptionSampler(dict(s.caption_ratios))
+        self.tokenizer = cached_tokenizer(*s.tokenizer) if s.keys & {"alt_ids", "syn_ids"} else None
+        grid = s.spec.global_size // s.patch_size
+        self.masker = BlockMaskGenerator(
+            grid=(grid, grid), min_num_patches=s.mask[3], min_aspect=s.mask[4]
+        )
+        self.decode = bool(s.keys & {"global_crops", "local_crops"})
+
+    def row(self, rec: dict[str, Any], seed: int, epoch: int) -> tuple[dict[str, Any] | None, str]:
+        """One record -> a row dict (texts untokenized) or ``(None, reason)``."""
+        from tips_model.masking import sample_mask
+
+        key = str(rec["key"])
+        choice = self.sampler.choose(
+            rec.get("alt_text"), rec.get("captions"), record_rng(seed, epoch, key, STREAM_CAPTIONS)
+        )
+        if choice is None:
+            return None, "skipped_no_caption"
+        out: dict[str, Any] = {
+            "alt": choice.alt,
+            "syn": choice.syn,
+            "syn_kind": choice.kind,
+            "caption_fallback": int(choice.fallback),
+        }
+        if self.decode:
+            try:
+                crops = multi_crop(
+                    rec["image"],
+                    self.s.spec,
+                    record_rng(seed, epoch, key, STREAM_CROPS),
+                    self.s.draft,
+                )
+            except Exception as e:  # noqa: BLE001 (corrupt image: lose this record only)
+                logger.debug("record %s: image does not decode (%s)", key, e)
+                return None, "skipped_corrupt"
+            out["global_crops"], out["local_crops"] = crops
+        if "masks" in self.s.keys:
+            rng = record_rng(seed, epoch, key, STREAM_MASKS)
+            prob, lo, hi = self.s.mask[:3]
+            out["masks"] = np.stack(
+                [sample_mask(self.masker, rng, prob, lo, hi) for _ in range(self.s.spec.num_global)]
+            )
+        return out, ""
+
+    def assemble(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        keys = self.s.keys
+        out = {
+            c: np.asarray([r[c] for r in rows], dtype=np.int64)
+            for c in (*INDEX_COLUMNS, *STAT_COLUMNS)
+        }
+        for c in ("global_crops", "local_crops", "masks"):
+            if c in keys:
+                out[c] = np.stack([r[c] for r in rows])
+        if self.tokenizer is not None:
+            alt_ids, syn_ids = tokenize_pair(
+                self.tokenizer, [r["alt"] for r in rows], [r["syn"] for r in rows]
+            )
+            if "alt_ids" in keys:
+                out["alt_ids"] = alt_ids
+            if "syn_ids" in keys:
+                out["syn_ids"] = syn_ids
+                out["syn_kind"] = np.asarray([r["syn_kind"] for r in rows], dtype=np.int64)
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(settings: RecordSettings) -> _Processor:
+    return _Processor(settings)
+
+
+def _unit_items(
+    plan: StreamPlan, unit: int, epoch: int, storage: Any, columns: list[str] | None
+) -> Iterator[tuple[Any, int]]:
+    """``(item, width)`` of one unit in stream order (windows permuted when configured)."""
+    info = plan.shards[int(plan.unit_shard[unit])]
+    items = iter_unit(info, int(plan.unit_index[unit]), storage, columns)
+    w = plan.local_shuffle
+    if w <= 0:
+        for item in items:
+            yield item, item.count if isinstance(item, BadRecord) else 1
+        return
+    window: list[Any] = []
+    for n, item in enumerate(items, 1):
+        window.append(item)
+        if len(window) == w or n == info.row_groups[int(plan.unit_index[unit])]:
+            rng = np.random.default_rng([plan.seed % 2**63, epoch, unit, n, 0x5BF])
+            for j in rng.permutation(len(window)):
+                it = window[j]
+                yield it, it.count if isinstance(it, BadRecord) else 1
+            window = []
+    for it in window:  # a truncated unit's remainder (always ends with a BadRecord)
+        yield it, it.count if isinstance(it, BadRecord) else 1
+
+
+def _process_units(
+    batch: dict[str, np.ndarray], *, plan: StreamPlan, settings: RecordSettings, first_unit: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Map task: global unit ids -> batch-contract row batches (see the module doc)."""
+    proc = _processor(settings)
+    columns = ["key", "alt_text", "captions"] + (["image"] if proc.decode else [])
+    for gid in batch["id"]:
+        g = first_unit + int(gid)
+        epoch, k = divmod(g, plan.num_units)
+        order, offsets = plan.order(epoch)
+        unit = int(order[k])
+        base = epoch * plan.epoch_rows + int(offsets[k])
+        yield from _process_unit(proc, plan, unit, epoch, base, columns)
+
+
+def _process_unit(
+    proc: _Processor, plan: StreamPlan, unit: int, epoch: int, base: int, columns: list[str] | None
+) -> Iterator[dict[str, np.ndarray]]:
+    pending: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    held: dict[str, np.ndarray] | None = None
+    pos = base
+    for item, width in _unit_items(plan, unit, epoch, plan.storage, columns):
+        lo, hi = max(pos, plan.start), min(pos + width, plan.stop)
+        pos += width
+        if hi <= lo:
+            if pos >= plan.stop:
+                break
+            continue
+        if isinstance(item, BadRecord):
+            pending[_REASON_COLUMN.get(item.reason, "skipped_unreadable")] += hi - lo
+            logger.debug("skipped %d record(s) at %s: %s", hi - lo, item.key, item.detail)
+            continue
+        row, reason = proc.row(item, plan.seed, epoch)
+        if row is None:
+            pending[reason] += 1
+            continue
+        row.update(sample_index=lo, epoch=epoch)
+        for c in SKIP_COLUMNS:
+            row[c] = pending.pop(c, 0)
+        rows.append(row)
+        if len(rows) == proc.s.map_batch_size:
+            if held is not None:
+                yield held
+            held, rows = proc.assemble(rows), []
+    if rows:
+        if held is not None:
+            yield held
+        held = proc.assemble(rows)
+    if held is not None:
+        for c, n in pending.items():
+            held[c][-1] += n
+        yield held
+    elif pending:
+        info = plan.shards[int(plan.unit_shard[unit])]
+        logger.warning(
+            "%s unit %d: no usable record; skipped %s (not in batch stats)",
+            info.uri,
+            int(plan.unit_index[unit]),
+            dict(pending),
+        )
