@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all lint format clean
+.PHONY: demo test test-slow test-all test-xla lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -41,3 +41,17 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# TPU / torch_xla path: torch-xla pins an older torch, so it gets its own environment
+# (~3 GB download; not part of default CI). Runs the training step on the CPU XLA device.
+XLA_VENV := .venv-xla
+XLA_STAMP := $(XLA_VENV)/.installed
+
+$(XLA_STAMP): requirements-xla.txt pyproject.toml
+	test -x $(XLA_VENV)/bin/python || $(PY) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/pip install -q -r requirements-xla.txt
+	$(XLA_VENV)/bin/pip install -q --no-deps -e .
+	touch $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	PJRT_DEVICE=CPU RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(XLA_VENV)/bin/pytest -m slow tests/cluster/test_tpu.py

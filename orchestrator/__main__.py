@@ -4,6 +4,7 @@ Verbs:
     train recipe=PATH [key=value ...] [--dry-run]   train (config errors stop before Ray starts)
     eval  checkpoint=URI|released=V,T,VARIANT tasks=[...] ...
     data  synth|pack|inspect ...
+    cluster local up|add|preempt|stop|status|down ...   a multi-node Ray cluster on this machine
 
 Arguments are ``recipe=PATH`` plus dotted ``key=value`` overrides; there are no argparse
 flags mirroring config keys. A recipe path is looked up as given, then under the project's
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.data.cli import main_data
 
         return main_data(rest)
+    if verb == "cluster":
+        from orchestrator.cluster.local import main_cluster
+
+        return main_cluster(rest)
     print(f"tips: unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
     return 2
 

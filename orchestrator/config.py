@@ -68,6 +68,9 @@ class DataConfig:
     map_batch_size: int = 32  # rows per decode/augment call
     decode_draft: bool = True  # JPEG draft-mode decode at the smallest size covering all crops
     num_cpus_per_map_task: float = 1.0  # CPU reserved per decode/augment task
+    # extra custom resources per read/decode task, e.g. {data_node: 0.01}: Ray Data work only
+    # on nodes that offer it (CPU-only data nodes, docs/clusters.md)
+    resources_per_map_task: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class ScalingSection:
     accelerator_type: str | None = None  # e.g. "A100", "H100": pins workers to a GPU type
     strategy: str = "ddp"  # ddp | none (FSDP: not built yet, see README)
     placement_strategy: str = "PACK"
+    resize_check_interval_s: float = 60.0  # how often an elastic run looks for more capacity
 
 
 @dataclass(frozen=True)

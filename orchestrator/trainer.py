@@ -140,6 +140,7 @@ def build_trainer(
         resources_per_worker=dict(s.resources_per_worker),
         accelerator_type=s.accelerator_type,
         placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.resize_check_interval_s,
     )
     storage_path, storage_fs = train_storage(r.storage_uri, cfg.storage)
     run_config = RunConfig(
