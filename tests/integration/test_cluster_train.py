@@ -123,7 +123,8 @@ def test_drain_makes_workers_checkpoint_before_the_node_goes(shards, tmp_path):
             [sys.executable, "-m", "orchestrator", "train",
              *_train_args(shards, runs, "drain", *ELASTIC, "train.total_steps=60",
                           "train.checkpoint_every_steps=4",
-                          "train.preemption_check_every_steps=1")],
+                          "train.preemption_check_every_steps=1",
+                          "run.num_checkpoints_to_keep=100")],
             cwd=ROOT, env=_env(cluster), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         drain.join(timeout=30)
@@ -149,7 +150,8 @@ def test_ray_job_submit_of_the_tiny_recipe(shards, tmp_path):
         args = " ".join(_train_args(shards, runs, "job", "train.total_steps=4",
                                     "train.checkpoint_every_steps=2"))  # fmt: skip
         job = client.submit_job(
-            entrypoint=f"python -m orchestrator train {args}",
+            # the cluster's own interpreter (this venv), as an activated environment would give
+            entrypoint=f"{sys.executable} -m orchestrator train {args}",
             runtime_env={
                 "working_dir": str(ROOT),
                 "excludes": ["demo_data", "runs", ".venv", ".git"],
