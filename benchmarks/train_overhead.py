@@ -88,7 +88,7 @@ def plain_loop(cfg, rows, steps: int, warmup: int) -> float:
     return (steps - warmup) / (time.perf_counter() - t0)
 
 
-def ray_loop(cfg, rows, warmup: int) -> tuple[float, float]:
+def ray_loop(cfg, rows, steps: int, warmup: int) -> tuple[float, float]:
     import ray
     import ray.data
 
@@ -98,7 +98,8 @@ def ray_loop(cfg, rows, warmup: int) -> tuple[float, float]:
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_items(rows * 4).materialize()
+    repeats = -(-steps * cfg.train.global_batch_size // len(rows)) + 1
+    ds = ray.data.from_items(rows * repeats).materialize()
     cfg = absolutize(cfg)
     trainer = build_trainer(cfg, train_dataset=ds)
     t_fit = time.time()
@@ -140,7 +141,7 @@ def main() -> None:
     )
     rows = make_rows(cfg, n=cfg.train.global_batch_size * 8)
     base = plain_loop(cfg, rows, args.steps, args.warmup)
-    rate, first = ray_loop(cfg, rows, args.warmup)
+    rate, first = ray_loop(cfg, rows, args.steps, args.warmup)
     print()
     print(
         f"recipe {Path(args.recipe).name}, {args.steps} steps (first {args.warmup} excluded), "
