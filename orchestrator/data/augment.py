@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-STREAM_CROPS, STREAM_MASKS, STREAM_CAPTIONS = 0, 1, 2
+STREAM_CROPS, STREAM_MASKS, STREAM_CAPTIONS, STREAM_REGIONS = 0, 1, 2, 3
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop default aspect range
 _GRAY = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma
 
@@ -90,6 +90,7 @@ class CropPlan(NamedTuple):
     flips: np.ndarray  # [G+M] bool
     jitter: np.ndarray  # [G+M, 3] brightness, contrast, saturation factors (1 = off)
     gray: np.ndarray  # [G+M] bool
+    size: tuple[int, int]  # source (width, height) in pixels
 
 
 class CropOutput(NamedTuple):
@@ -137,7 +138,7 @@ def plan_crops(spec: CropSpec, rng: np.random.Generator, width: int, height: int
             jitter[i] = rng.uniform(0.6, 1.4, size=3)  # DINOv2 strengths 0.4 (hue omitted)
         if spec.grayscale_prob > 0:
             gray[i] = rng.random() < spec.grayscale_prob
-    return CropPlan(boxes, flips, jitter, gray)
+    return CropPlan(boxes, flips, jitter, gray, (width, height))
 
 
 def draft_factor(plan: CropPlan, spec: CropSpec) -> int:
@@ -227,6 +228,51 @@ def apply_crops(
         target = out_g[i] if i < spec.num_global else out_l[i - spec.num_global]
         target[...] = crop[0].numpy()
     return CropOutput(out_g, out_l)
+
+
+def crop_regions(
+    regions: list[dict[str, Any]] | None,
+    plan: CropPlan,
+    max_regions: int,
+    rng: np.random.Generator,
+    min_visible: float = 0.5,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Map region boxes (xyxy in [0, 1] of the source image) into global crop 0's frame.
+
+    A region is kept when at least ``min_visible`` of its area lies inside the crop (so its
+    text still describes what is seen); its box is clipped to the crop and mirrored with a
+    flipped crop. More than ``max_regions`` kept: a random subset, in their original order.
+
+    Returns:
+        ``boxes [R, 4]`` float32 xyxy in [0, 1] (0 = padding), ``texts`` (R strings, "" =
+        padding), ``valid [R]`` bool, with ``R = max_regions``.
+    """
+    width, height = plan.size
+    cx0, cy0, cw, ch = plan.boxes[0].tolist()
+    kept: list[tuple[list[float], str]] = []
+    for r in regions or ():
+        text = str(r.get("text") or "").strip()
+        x0, y0, x1, y1 = (float(v) for v in r["box"])
+        x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
+        ix0, iy0, ix1, iy1 = max(x0, cx0), max(y0, cy0), min(x1, cx0 + cw), min(y1, cy0 + ch)
+        area = (x1 - x0) * (y1 - y0)
+        if not text or area <= 0 or ix1 <= ix0 or iy1 <= iy0:
+            continue
+        if (ix1 - ix0) * (iy1 - iy0) < min_visible * area:
+            continue
+        box = [(ix0 - cx0) / cw, (iy0 - cy0) / ch, (ix1 - cx0) / cw, (iy1 - cy0) / ch]
+        if plan.flips[0]:
+            box = [1.0 - box[2], box[1], 1.0 - box[0], box[3]]
+        kept.append((box, text))
+    if len(kept) > max_regions:
+        keep = np.sort(rng.choice(len(kept), size=max_regions, replace=False))
+        kept = [kept[i] for i in keep]
+    boxes = np.zeros((max_regions, 4), dtype=np.float32)
+    valid = np.zeros(max_regions, dtype=bool)
+    texts = [""] * max_regions
+    for i, (box, text) in enumerate(kept):
+        boxes[i], valid[i], texts[i] = box, True, text
+    return boxes, texts, valid
 
 
 def multi_crop(

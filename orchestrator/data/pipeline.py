@@ -6,19 +6,22 @@
 
 Batch contract: ``global_crops [B, G, 3, H, W]`` uint8, ``local_crops [B, M, 3, h, w]`` uint8
 (omitted when M = 0), ``masks [B, G, H/p, W/p]`` bool, ``alt_ids`` / ``syn_ids [B, T]``
-int64, ``syn_kind [B]`` int64 (index into the sorted configured caption kinds); only the
+int64, ``syn_kind [B]`` int64 (index into the sorted configured caption kinds), and for
+CLOC ``regions [B, R, 4]`` float32 xyxy in global crop 0's frame, ``region_ids [B, R, T]``
+int64, ``region_valid [B, R]`` bool (``R = objective.max_regions``); only the
 ``required_keys`` are made. Every row also carries ``sample_index`` and ``epoch`` (int64) and
 the ``STAT_COLUMNS`` counters; no string column reaches ``iter_torch_batches``.
 
-The stream. Shards are listed once (``list_shards``); the read unit is a Parquet row group or
-a whole tar. Epoch ``e`` visits every unit once, in an order shuffled by ``(seed, e)``
-(``data.shuffle_files``); with ``data.local_shuffle_buffer_size = W > 0`` records are also
-permuted within windows of W consecutive records of a unit. An epoch has ``N`` input
-records, and the stream over all epochs is indexed by input position ``q = e * N + i``. Ray
-Data runs ``range(units)`` -> streaming repartition to one unit id per block -> one map task
-per unit: each task re-derives its epoch's order from the seed and reads its unit itself,
-so nothing is listed again per epoch, tasks stay short (no head-of-line blocking under
-preserve_order), and only uint8 crops cross the object store.
+The stream. Shards are listed once (``list_shards``); the read unit is a run of consecutive
+Parquet row groups of one shard holding >= ``MIN_UNIT_ROWS`` rows, or a whole tar. Epoch
+``e`` visits every unit once, in an order shuffled by ``(seed, e)`` (``data.shuffle_files``);
+with ``data.local_shuffle_buffer_size = W > 0`` records are also permuted within windows of
+W consecutive records of a unit. An epoch has ``N`` input records, and the stream over all
+epochs is indexed by input position ``q = e * N + i``. Ray Data runs ``range(units)`` fused
+with one map task per unit (a streaming repartition splits the ids when a long stream has
+more units than blocks worth planning): each task re-derives its epoch's order from the
+seed and reads its unit itself, so nothing is listed again per epoch, tasks are ~1 s (no
+head-of-line blocking under preserve_order) and only uint8 crops cross the object store.
 
 Determinism and exact resume. Every random choice for a record (crops, flips, mask, caption
 kind) comes from ``record_rng(seed, epoch, key, stream)``, so a record's output does not
@@ -52,14 +55,18 @@ from typing import Any
 
 import numpy as np
 import ray.data
+from ray.data._internal.datasource.range_datasource import RangeDatasource
 
 from orchestrator import storage as st
 from orchestrator.data.augment import (
     STREAM_CAPTIONS,
     STREAM_CROPS,
     STREAM_MASKS,
+    STREAM_REGIONS,
     CropSpec,
-    multi_crop,
+    apply_crops,
+    crop_regions,
+    decode_for_crops,
     record_rng,
 )
 from orchestrator.data.captions import CaptionSampler, cached_tokenizer, tokenize_pair
@@ -67,12 +74,26 @@ from orchestrator.data.shards import BadRecord, ShardError, ShardInfo, iter_unit
 
 logger = logging.getLogger(__name__)
 
-BATCH_KEYS = ("global_crops", "local_crops", "masks", "alt_ids", "syn_ids", "syn_kind")
+REGION_KEYS = ("regions", "region_ids", "region_valid")  # CLOC; R = objective.max_regions
+BATCH_KEYS = (
+    "global_crops",
+    "local_crops",
+    "masks",
+    "alt_ids",
+    "syn_ids",
+    "syn_kind",
+    *REGION_KEYS,
+)
 INDEX_COLUMNS = ("sample_index", "epoch")
 SKIP_COLUMNS = ("skipped_corrupt", "skipped_unreadable", "skipped_no_caption")
 STAT_COLUMNS = (*SKIP_COLUMNS, "caption_fallback")
 _REASON_COLUMN = {"corrupt": "skipped_corrupt", "unreadable": "skipped_unreadable"}
 _MAX_BLOCKS = 2000
+# A map task reads one unit: consecutive row groups of a shard holding >= this many rows.
+# Ray Data loses ~0.1 s of a CPU slot between two tasks (its scheduling loop), so tasks
+# should run ~1 s: 256 rows x ~4 ms (1x224 + 6x98 crops of a ~500x400 JPEG). Measured on
+# 2 cores: 32-row tasks 0.5x, 256-row tasks 0.9x of a torch DataLoader (benchmarks/).
+MIN_UNIT_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,7 @@ class RecordSettings:
     map_batch_size: int
     draft: bool
     threads: int
+    max_regions: int = 0  # R of the region keys (objective.max_regions)
 
 
 @dataclass(frozen=True)
@@ -96,7 +118,8 @@ class StreamPlan:
 
     shards: tuple[ShardInfo, ...]
     unit_shard: np.ndarray  # [U] shard index of each unit
-    unit_index: np.ndarray  # [U] row-group index inside its shard
+    unit_index: np.ndarray  # [U] first row group of the unit inside its shard
+    unit_groups: np.ndarray  # [U] consecutive row groups in the unit
     unit_rows: np.ndarray  # [U] records per unit
     seed: int
     shuffle: bool
@@ -149,6 +172,11 @@ def _epoch_order(
 
 
 def record_settings(cfg: Any, patch_size: int, required_keys: set[str] | None) -> RecordSettings:
+    """The per-record settings from the config and the objective's batch keys.
+
+    Raises:
+        ValueError: a required key the pipeline cannot make.
+    """
     keys = set(BATCH_KEYS if required_keys is None else required_keys)
     unknown = keys - set(BATCH_KEYS)
     if unknown:
@@ -160,6 +188,8 @@ def record_settings(cfg: Any, patch_size: int, required_keys: set[str] | None) -
         keys.discard("local_crops")  # M = 0: the key is omitted, never [B, 0, ...]
     if "syn_ids" in keys:
         keys.add("syn_kind")
+    if keys & set(REGION_KEYS):
+        keys.update(REGION_KEYS, {"global_crops"})
     m, model = cfg.masking, cfg.model
     return RecordSettings(
         spec=CropSpec.from_config(cfg.augment),
@@ -173,7 +203,24 @@ def record_settings(cfg: Any, patch_size: int, required_keys: set[str] | None) -
         map_batch_size=int(cfg.data.map_batch_size),
         draft=bool(cfg.data.decode_draft),
         threads=max(1, int(cfg.data.num_cpus_per_map_task)),
+        max_regions=int(getattr(cfg.objective, "max_regions", 8)),
     )
+
+
+def _group_units(shard: int, groups: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """Consecutive row groups of one shard, >= ``MIN_UNIT_ROWS`` each (shard end: fewer).
+
+    Returns:
+        ``(shard, first row group, number of row groups, rows)`` per unit.
+    """
+    units, first, rows = [], 0, 0
+    for g, n in enumerate(groups):
+        rows += n
+        if rows >= MIN_UNIT_ROWS or g == len(groups) - 1:
+            if rows:
+                units.append((shard, first, g + 1 - first, rows))
+            first, rows = g + 1, 0
+    return units
 
 
 def plan_stream(cfg: Any, split: str = "train") -> StreamPlan:
@@ -194,8 +241,10 @@ def plan_stream(cfg: Any, split: str = "train") -> StreamPlan:
     shards = tuple(s for s in listing.shards if s.num_rows > 0)
     if not shards:
         raise ShardError(f"{uri}: no readable records (unreadable shards: {listing.unreadable})")
-    pairs = [(i, g, n) for i, s in enumerate(shards) for g, n in enumerate(s.row_groups) if n]
-    unit_shard, unit_index, unit_rows = (np.asarray(c, dtype=np.int64) for c in zip(*pairs))
+    units = [u for i, s in enumerate(shards) for u in _group_units(i, s.row_groups)]
+    unit_shard, unit_index, unit_groups, unit_rows = (
+        np.asarray(c, dtype=np.int64) for c in zip(*units)
+    )
     total = int(unit_rows.sum())
     logger.info(
         "%s: %d shards, %d read units, %d records per epoch%s",
@@ -209,6 +258,7 @@ def plan_stream(cfg: Any, split: str = "train") -> StreamPlan:
         shards=shards,
         unit_shard=unit_shard,
         unit_index=unit_index,
+        unit_groups=unit_groups,
         unit_rows=unit_rows,
         seed=int(cfg.data.seed),
         shuffle=bool(cfg.data.shuffle_files) and split == "train",
@@ -233,16 +283,29 @@ def _dataset(
     if preserve_order is not None:  # a Dataset captures the context at creation
         ctx.execution_options.preserve_order = preserve_order
     try:
-        # Unit ids are planned in <= 2000 blocks (planning cost grows with the block count),
-        # then split into one block per unit by a streaming repartition, so each map task
-        # reads one unit: short tasks keep preserve_order from serialising the stream.
-        ds = ray.data.range(count, override_num_blocks=blocks)
-        ds = ds.repartition(target_num_rows_per_block=1)
+        # One unit id per block, so each map task (fused with the range read) reads one unit:
+        # short tasks keep preserve_order from serialising the stream. Planning cost grows
+        # with the block count, so long streams plan <= 2000 blocks and split them into one
+        # id per block with a streaming repartition (its tiny tasks are not fused).
+        # The range read asks for the same resources as the map (e.g. {data_node: 0.01},
+        # Ray Data on CPU-only data nodes): Ray fuses the two only when they match, and an
+        # unfused read would run anywhere.
+        placement = {
+            "num_cpus": cfg.data.num_cpus_per_map_task,
+            "resources": dict(cfg.data.resources_per_map_task) or None,
+        }
+        ds = ray.data.read_datasource(
+            RangeDatasource(n=count, block_format="arrow", column_name="id"),
+            override_num_blocks=blocks,
+            **placement,
+        )
+        if blocks < count:
+            ds = ds.repartition(target_num_rows_per_block=1)
         return ds.map_batches(
             _process_units,
             batch_size=None,
             fn_kwargs={"plan": plan, "settings": settings, "first_unit": first},
-            num_cpus=cfg.data.num_cpus_per_map_task,
+            **placement,
         )
     finally:
         ctx.execution_options.preserve_order = saved
@@ -306,7 +369,7 @@ def pop_data_stats(batch: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- map task
 
 
-class _Processor:
+class RecordProcessor:
     """Per-worker state: tokenizer, mask generator, caption sampler (built once)."""
 
     def __init__(self, s: RecordSettings) -> None:
@@ -317,7 +380,8 @@ class _Processor:
         torch.set_num_threads(s.threads)
         self.s = s
         self.sampler = CaptionSampler(dict(s.caption_ratios))
-        self.tokenizer = cached_tokenizer(*s.tokenizer) if s.keys & {"alt_ids", "syn_ids"} else None
+        texts = {"alt_ids", "syn_ids", "region_ids"}
+        self.tokenizer = cached_tokenizer(*s.tokenizer) if s.keys & texts else None
         grid = s.spec.global_size // s.patch_size
         self.masker = BlockMaskGenerator(
             grid=(grid, grid), min_num_patches=s.mask[3], min_aspect=s.mask[4]
@@ -342,16 +406,19 @@ class _Processor:
         }
         if self.decode:
             try:
-                crops = multi_crop(
-                    rec["image"],
-                    self.s.spec,
-                    record_rng(seed, epoch, key, STREAM_CROPS),
-                    self.s.draft,
+                rng = record_rng(seed, epoch, key, STREAM_CROPS)
+                image, plan, scale = decode_for_crops(rec["image"], self.s.spec, rng, self.s.draft)
+                out["global_crops"], out["local_crops"] = apply_crops(
+                    image, plan, self.s.spec, scale
                 )
             except Exception as e:  # noqa: BLE001 (corrupt image: lose this record only)
                 logger.debug("record %s: image does not decode (%s)", key, e)
                 return None, "skipped_corrupt"
-            out["global_crops"], out["local_crops"] = crops
+            if "regions" in self.s.keys:
+                rng = record_rng(seed, epoch, key, STREAM_REGIONS)
+                out["regions"], out["region_texts"], out["region_valid"] = crop_regions(
+                    rec.get("regions"), plan, self.s.max_regions, rng
+                )
         if "masks" in self.s.keys:
             rng = record_rng(seed, epoch, key, STREAM_MASKS)
             prob, lo, hi = self.s.mask[:3]
@@ -366,10 +433,17 @@ class _Processor:
             c: np.asarray([r[c] for r in rows], dtype=np.int64)
             for c in (*INDEX_COLUMNS, *STAT_COLUMNS)
         }
-        for c in ("global_crops", "local_crops", "masks"):
+        for c in ("global_crops", "local_crops", "masks", "regions", "region_valid"):
             if c in keys:
                 out[c] = np.stack([r[c] for r in rows])
-        if self.tokenizer is not None:
+        if "region_ids" in keys:
+            texts = [t for r in rows for t in r["region_texts"]]  # B * R, "" = padding
+            ids = np.zeros((len(texts), self.s.tokenizer[2]), dtype=np.int64)
+            used = [i for i, t in enumerate(texts) if t]
+            if used:
+                ids[used] = self.tokenizer([texts[i] for i in used])
+            out["region_ids"] = ids.reshape(len(rows), self.s.max_regions, -1)
+        if keys & {"alt_ids", "syn_ids"}:
             alt_ids, syn_ids = tokenize_pair(
                 self.tokenizer, [r["alt"] for r in rows], [r["syn"] for r in rows]
             )
@@ -382,8 +456,9 @@ class _Processor:
 
 
 @functools.lru_cache(maxsize=4)
-def _processor(settings: RecordSettings) -> _Processor:
-    return _Processor(settings)
+def record_processor(settings: RecordSettings) -> RecordProcessor:
+    """The worker process's processor for ``settings`` (tokenizer etc. built once)."""
+    return RecordProcessor(settings)
 
 
 def _unit_items(
@@ -391,22 +466,29 @@ def _unit_items(
 ) -> Iterator[tuple[Any, int]]:
     """``(item, width)`` of one unit in stream order (windows permuted when configured)."""
     info = plan.shards[int(plan.unit_shard[unit])]
-    items = iter_unit(info, int(plan.unit_index[unit]), storage, columns)
+    first = int(plan.unit_index[unit])
+    items = (
+        item
+        for g in range(first, first + int(plan.unit_groups[unit]))
+        for item in iter_unit(info, g, storage, columns)
+    )
     w = plan.local_shuffle
     if w <= 0:
         for item in items:
             yield item, item.count if isinstance(item, BadRecord) else 1
         return
     window: list[Any] = []
+    total, seen = int(plan.unit_rows[unit]), 0
     for n, item in enumerate(items, 1):
         window.append(item)
-        if len(window) == w or n == info.row_groups[int(plan.unit_index[unit])]:
+        seen += item.count if isinstance(item, BadRecord) else 1
+        if len(window) == w or seen >= total:
             rng = np.random.default_rng([plan.seed % 2**63, epoch, unit, n, 0x5BF])
             for j in rng.permutation(len(window)):
                 it = window[j]
                 yield it, it.count if isinstance(it, BadRecord) else 1
             window = []
-    for it in window:  # a truncated unit's remainder (always ends with a BadRecord)
+    for it in window:
         yield it, it.count if isinstance(it, BadRecord) else 1
 
 
@@ -414,20 +496,37 @@ def _process_units(
     batch: dict[str, np.ndarray], *, plan: StreamPlan, settings: RecordSettings, first_unit: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """Map task: global unit ids -> batch-contract row batches (see the module doc)."""
-    proc = _processor(settings)
+    proc = record_processor(settings)
     columns = ["key", "alt_text", "captions"] + (["image"] if proc.decode else [])
+    columns += ["regions"] if "regions" in settings.keys else []
     for gid in batch["id"]:
         g = first_unit + int(gid)
         epoch, k = divmod(g, plan.num_units)
         order, offsets = plan.order(epoch)
         unit = int(order[k])
         base = epoch * plan.epoch_rows + int(offsets[k])
-        yield from _process_unit(proc, plan, unit, epoch, base, columns)
+        yield from process_unit(proc, plan, unit, epoch, base, columns)
 
 
-def _process_unit(
-    proc: _Processor, plan: StreamPlan, unit: int, epoch: int, base: int, columns: list[str] | None
+def process_unit(
+    proc: RecordProcessor,
+    plan: StreamPlan,
+    unit: int,
+    epoch: int,
+    base: int,
+    columns: list[str] | None,
 ) -> Iterator[dict[str, np.ndarray]]:
+    """One read unit -> row batches of <= ``map_batch_size`` rows (the map task's body; the
+    benchmark's non-Ray baselines call it too).
+
+    Args:
+        proc: the worker's ``record_processor(settings)``.
+        plan: the stream plan; only positions in ``[plan.start, plan.stop)`` are emitted.
+        unit: unit index (into ``plan.unit_rows``).
+        epoch: the epoch this visit belongs to.
+        base: input position of the unit's first record in this visit.
+        columns: Parquet columns to read (None = all).
+    """
     pending: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     held: dict[str, np.ndarray] | None = None

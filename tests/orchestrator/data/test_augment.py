@@ -13,6 +13,7 @@ from orchestrator.data.augment import (
     CropSpec,
     augment_batch,
     crop_box,
+    crop_regions,
     decode_for_crops,
     draft_factor,
     multi_crop,
@@ -77,6 +78,28 @@ def test_draft_decoding_uses_the_smallest_covering_size():
     assert full.shape[:2] == (640, 800)
     small = CropSpec(global_size=64, num_local=2, local_size=48, local_scale=(0.01, 0.02))
     assert draft_factor(plan_crops(small, np.random.default_rng(0), 800, 640), small) == 1
+
+
+def test_regions_follow_the_crop_and_the_flip():
+    regions = [
+        {"box": [0.1, 0.2, 0.3, 0.4], "text": "left thing"},
+        {"box": [0.6, 0.6, 0.9, 0.8], "text": "right thing"},
+        {"box": [0.0, 0.0, 0.05, 0.05], "text": ""},  # no text: dropped
+    ]
+    whole = CropSpec(global_scale=(1.0, 1.0), num_local=0, hflip_prob=0.0)
+    plan = plan_crops(whole, np.random.default_rng(0), 100, 100)
+    boxes, texts, valid = crop_regions(regions, plan, 4, np.random.default_rng(0))
+    assert texts == ["left thing", "right thing", "", ""] and valid.tolist() == [1, 1, 0, 0]
+    np.testing.assert_allclose(boxes[:2], [[0.1, 0.2, 0.3, 0.4], [0.6, 0.6, 0.9, 0.8]])
+    flipped = plan._replace(flips=np.ones(1, dtype=bool))
+    boxes, _, _ = crop_regions(regions, flipped, 4, np.random.default_rng(0))
+    np.testing.assert_allclose(boxes[0], [0.7, 0.2, 0.9, 0.4], atol=1e-6)
+    right_half = plan._replace(boxes=np.asarray([[50.0, 0.0, 50.0, 100.0]]))
+    boxes, texts, valid = crop_regions(regions, right_half, 4, np.random.default_rng(0))
+    assert texts[0] == "right thing" and valid.sum() == 1  # the left one is out of the crop
+    np.testing.assert_allclose(boxes[0], [0.2, 0.6, 0.8, 0.8], atol=1e-6)
+    _, texts, valid = crop_regions(regions, plan, 1, np.random.default_rng(0))
+    assert valid.sum() == 1 and texts[0] in ("left thing", "right thing")
 
 
 def test_photometric_ops_change_pixels_only_when_enabled():

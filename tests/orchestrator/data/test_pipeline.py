@@ -51,8 +51,26 @@ def test_only_required_keys_are_made(synth_data, data_cfg):
     ds = build_dataset(cfg, patch_size=PATCH, required_keys={"local_crops", "alt_ids"})
     row = ds.take(1)[0]
     assert set(row) == {"alt_ids", "sample_index", "epoch", *STAT_COLUMNS}
-    with pytest.raises(ValueError, match="regions"):
-        build_dataset(cfg, patch_size=PATCH, required_keys={"regions"})
+    with pytest.raises(ValueError, match="boxes"):
+        build_dataset(cfg, patch_size=PATCH, required_keys={"boxes"})
+
+
+def test_region_keys_for_cloc(synth_data, data_cfg):
+    cfg = data_cfg(str(synth_data / "train"))
+    keys = {"regions", "region_ids", "region_valid"}
+    b = next(
+        iter(
+            build_dataset(cfg, patch_size=PATCH, required_keys=keys).iter_torch_batches(
+                batch_size=16
+            )
+        )
+    )
+    assert b["regions"].shape == (16, 8, 4) and b["regions"].dtype == torch.float32
+    assert b["region_ids"].shape == (16, 8, 16) and b["region_valid"].dtype == torch.bool
+    valid = b["region_valid"]
+    assert valid.any() and "global_crops" in b
+    assert ((b["regions"] >= 0) & (b["regions"] <= 1)).all()
+    assert (b["region_ids"][valid][:, 0] > 0).all() and (b["region_ids"][~valid] == 0).all()
 
 
 @pytest.mark.parametrize("local_shuffle", [0, 12])
