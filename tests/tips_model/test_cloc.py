@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import tips_model.objectives.cloc  # noqa: F401  (registers "cloc" until objectives/__init__ does)
+from tests.gloo import run_gloo
 from tips_model.objectives import ModelConfig, StepState, build_objective, list_objectives
 from tips_model.objectives._regions import (
     box_losses,
@@ -266,29 +265,23 @@ def _dist_inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        data = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in _dist_inputs().items()}
-        r = data["r"].clone().requires_grad_(True)
-        pred = data["pred"].clone().requires_grad_(True)
-        loss = region_contrastive_loss(r, data["t"], data["valid"], 0.1)
-        l1, giou = box_losses(pred, data["box"], data["valid"])
-        (loss + l1 + giou).backward()
-        torch.save(
-            {"loss": loss.detach(), "l1": l1.detach(), "r_grad": r.grad, "p_grad": pred.grad},
-            f"{out_dir}/rank{rank}.pt",
-        )
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _dist_worker(rank: int, out_dir: str) -> None:
+    data = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in _dist_inputs().items()}
+    r = data["r"].clone().requires_grad_(True)
+    pred = data["pred"].clone().requires_grad_(True)
+    loss = region_contrastive_loss(r, data["t"], data["valid"], 0.1)
+    l1, giou = box_losses(pred, data["box"], data["valid"])
+    (loss + l1 + giou).backward()
+    torch.save(
+        {"loss": loss.detach(), "l1": l1.detach(), "r_grad": r.grad, "p_grad": pred.grad},
+        f"{out_dir}/rank{rank}.pt",
+    )
 
 
 def test_distributed_region_losses_equal_the_global_batch(tmp_path):
     """Uneven valid counts per rank: the mean over ranks is the global mean, and DDP's
     averaged gradients equal the global-batch gradients."""
-    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    run_gloo(_dist_worker, WORLD, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(WORLD)]
     data = _dist_inputs()
     r = data["r"].clone().requires_grad_(True)

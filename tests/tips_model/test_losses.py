@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.gloo import run_gloo
 from tips_model.losses import (
     DINOLoss,
     IBOTPatchLoss,
@@ -316,42 +315,36 @@ def _dist_inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        data = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in _dist_inputs().items()}
-        image = data["image"].clone().requires_grad_(True)
-        text = data["text"].clone().requires_grad_(True)
-        temp = torch.tensor(0.1, requires_grad=True)
-        loss = contrastive_loss(image, text, temp)
-        loss.backward()
-        dino = DINOLoss(5)
-        dino.update_center(data["cls_logits"])
-        ibot = IBOTPatchLoss(5)
-        ibot.update_center(data["patch_logits"], data["masks"])
-        torch.save(
-            {
-                "loss": loss.detach(),
-                "image_grad": image.grad,
-                "text_grad": text.grad,
-                "temp_grad": temp.grad,
-                "dino_center": dino.center,
-                "sinkhorn": dino.sinkhorn_knopp_teacher(data["cls_logits"], 0.1),
-                "ibot_center": ibot.center,
-                "ibot_sinkhorn": ibot.sinkhorn_knopp_teacher(
-                    data["patch_logits"], 0.1, masks=data["masks"]
-                ),
-            },
-            f"{out_dir}/rank{rank}.pt",
-        )
-    finally:
-        dist.barrier()  # no rank tears gloo down while the other still talks to it
-        dist.destroy_process_group()
+def _dist_worker(rank: int, out_dir: str) -> None:
+    data = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in _dist_inputs().items()}
+    image = data["image"].clone().requires_grad_(True)
+    text = data["text"].clone().requires_grad_(True)
+    temp = torch.tensor(0.1, requires_grad=True)
+    loss = contrastive_loss(image, text, temp)
+    loss.backward()
+    dino = DINOLoss(5)
+    dino.update_center(data["cls_logits"])
+    ibot = IBOTPatchLoss(5)
+    ibot.update_center(data["patch_logits"], data["masks"])
+    torch.save(
+        {
+            "loss": loss.detach(),
+            "image_grad": image.grad,
+            "text_grad": text.grad,
+            "temp_grad": temp.grad,
+            "dino_center": dino.center,
+            "sinkhorn": dino.sinkhorn_knopp_teacher(data["cls_logits"], 0.1),
+            "ibot_center": ibot.center,
+            "ibot_sinkhorn": ibot.sinkhorn_knopp_teacher(
+                data["patch_logits"], 0.1, masks=data["masks"]
+            ),
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
 
 
 def test_distributed_gloo_matches_single_process_on_concatenated_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    run_gloo(_dist_worker, WORLD, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     data = _dist_inputs()
     image = data["image"].clone().requires_grad_(True)
