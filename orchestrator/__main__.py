@@ -2,6 +2,7 @@
 
 Verbs:
     train recipe=PATH [key=value ...] [--dry-run]   train (config errors stop before Ray starts)
+    tune  sweep=PATH [key=value ...] [resume=true] [--dry-run]   a Ray Tune sweep of a recipe
     eval  checkpoint=URI|released=V,T,VARIANT tasks=[...] ...
     data  synth|pack|inspect ...
     cluster local up|add|preempt|stop|status|down ...   a multi-node Ray cluster on this machine
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     if verb == "train":
         return main_train(rest)
+    if verb == "tune":
+        from orchestrator.tune.cli import main_tune
+
+        return main_tune(rest)
     if verb == "eval":
         from orchestrator.evaluate import main_eval
 
