@@ -2,7 +2,7 @@
 
 Verbs:
     train recipe=PATH [key=value ...] [--dry-run]   train (config errors stop before Ray starts)
-    tune  sweep=PATH [key=value ...] [resume=true] [--dry-run]   a Ray Tune sweep of a recipe
+    tune  sweep=PATH [key=value ...] [resume=true] [--dry-run|--report]   a Ray Tune sweep
     eval  checkpoint=URI|released=V,T,VARIANT tasks=[...] ...
     data  synth|pack|inspect ...
     cluster local up|add|preempt|stop|status|down ...   a multi-node Ray cluster on this machine

@@ -1,10 +1,11 @@
-"""`tips tune sweep=PATH [key=value ...] [resume=true] [--dry-run]`.
+"""`tips tune sweep=PATH [key=value ...] [resume=true] [--dry-run | --report]`.
 
 ``key=value`` whose first part is a sweep-file field (``num_samples=8``,
 ``scheduler.grace_period=40``, ``name=...``, ``storage_uri=s3://...``) sets the sweep;
 any other key (``train.total_steps=2000``, ``data.train_uri=...``) is added to the base
 recipe for every trial. The sweep file, every swept key and the base recipe are validated
-before Ray starts. ``--dry-run`` prints the resolved sweep and exits.
+before Ray starts. ``--dry-run`` prints the resolved sweep and exits; ``--report`` rewrites
+the tables, best recipe and plots of an existing sweep from its directory (no trial runs).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def main_tune(argv: list[str]) -> int:
     from orchestrator.tune.spec import SweepError, load_sweep, split_overrides
 
     flags = {a for a in argv if a.startswith("--")}
-    if flags - {"--dry-run"}:
-        print(f"tips tune: unknown flag(s) {sorted(flags - {'--dry-run'})}", file=sys.stderr)
+    if flags - {"--dry-run", "--report"}:
+        unknown = sorted(flags - {"--dry-run", "--report"})
+        print(f"tips tune: unknown flag(s) {unknown}", file=sys.stderr)
         return 2
     args = [a for a in argv if not a.startswith("--")]
     sweep_arg = [a for a in args if a.startswith("sweep=")]
@@ -68,7 +70,12 @@ def main_tune(argv: list[str]) -> int:
     from orchestrator.tune.tuner import run_sweep, unfinished_trials
 
     try:
-        grid = run_sweep(sweep, resume=resume_value == "true")
+        if "--report" in flags:
+            from orchestrator.tune.tuner import load_results
+
+            grid = load_results(sweep)
+        else:
+            grid = run_sweep(sweep, resume=resume_value == "true")
     except SweepError as e:
         print(f"tips tune: {e}", file=sys.stderr)
         return 2

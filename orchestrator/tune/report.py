@@ -4,7 +4,8 @@
     paths = write(grid, sweep)       # into the sweep directory (local or S3)
 
 Files written under ``storage_uri/name/``:
-    results.csv, results.md   trials sorted by the metric (best first): swept values, the
+    results.csv, results.md   trials best first (finished ones by their final metric, then
+                              early-stopped ones, then failed ones): swept values, the
                               metric at the last report and its best, steps reached, whether
                               the scheduler stopped the trial early, number of incarnations
                               (PBT exploits and restarts)
@@ -73,8 +74,18 @@ def collect(grid: Any, sweep: Sweep) -> list[dict[str, Any]]:
                 "_overrides": overrides,
             }
         )
+    # Trials that ran the whole budget first, ranked by their final metric; then the ones a
+    # scheduler stopped early (each was below its rung's cutoff when it stopped, so its
+    # earlier, noisier value must not outrank a finished trial); trials without the metric
+    # last.
     sign = -1.0 if mode == "max" else 1.0
-    rows.sort(key=lambda r: (not _finite(r["metric_last"]), sign * _num(r["metric_last"])))
+    rows.sort(
+        key=lambda r: (
+            not _finite(r["metric_last"]),
+            r["stopped_early"] or bool(r["error"]),
+            sign * _num(r["metric_last"]),
+        )
+    )
     return rows
 
 
@@ -128,6 +139,15 @@ def best_recipe_yaml(rows: list[dict[str, Any]], sweep: Sweep) -> str:
     return header + config_lib.to_yaml(cfg)
 
 
+def _log_axis(ax: Any) -> None:
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _plot_params(rows: list[dict[str, Any]], sweep: Sweep) -> bytes:
     import matplotlib
 
@@ -135,30 +155,51 @@ def _plot_params(rows: list[dict[str, Any]], sweep: Sweep) -> bytes:
     import matplotlib.pyplot as plt
 
     keys = list(sweep.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        pts = [(r[key], r["metric_last"]) for r in rows if _finite(r["metric_last"])]
-        xs = [p[0] for p in pts]
-        numeric = all(_finite(x) for x in xs)
-        if numeric:
-            ax.scatter(xs, [p[1] for p in pts])
-            if sweep.space[key].kind == "loguniform":
-                ax.set_xscale("log")
-        else:
-            labels = sorted({json.dumps(x, sort_keys=True) for x in xs})
+        pts = [(r[key], r["metric_last"], r["stopped_early"]) for r in rows]
+        pts = [p for p in pts if _finite(p[1])]
+        labels = sorted({json.dumps(p[0], sort_keys=True) for p in pts})
+        numeric = all(_finite(p[0]) for p in pts)
+        for stopped in (False, True):
+            sel = [p for p in pts if p[2] == stopped]
+            xs = [p[0] if numeric else labels.index(json.dumps(p[0], sort_keys=True)) for p in sel]
             ax.scatter(
-                [labels.index(json.dumps(x, sort_keys=True)) for x in xs], [p[1] for p in pts]
+                xs,
+                [p[1] for p in sel],
+                facecolors="none" if stopped else "C0",
+                edgecolors="C0",
+                label="stopped early" if stopped else "finished",
             )
+        if numeric and sweep.space[key].kind == "loguniform":
+            _log_axis(ax)
+        if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         ax.set_xlabel(key)
         ax.set_ylabel(sweep.spec.metric)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{sweep.spec.name}: {sweep.spec.metric} at the last report per trial")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{sweep.spec.name}: {sweep.spec.metric} at each trial's last report")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _measured(history: list[dict[str, Any]], sweep: Sweep) -> list[tuple[float, float]]:
+    """(step, value) where the metric was measured; eval metrics are carried forward between
+    evaluations in the reports (driver.py), so only evaluation steps count for them."""
+    metric, t = sweep.spec.metric, sweep.base.train
+    pts = []
+    for h in history:
+        step, value = h.get(TIME_ATTR), h.get(metric)
+        if not (_finite(step) and _finite(value)):
+            continue
+        if metric.startswith("eval/") and step % t.eval_every_steps and step < t.total_steps:
+            continue
+        pts.append((step, value))
+    return pts
 
 
 def _plot_curves(rows: list[dict[str, Any]], sweep: Sweep) -> bytes:
@@ -169,18 +210,15 @@ def _plot_curves(rows: list[dict[str, Any]], sweep: Sweep) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in rows:
-        pts = [
-            (h[TIME_ATTR], h[sweep.spec.metric])
-            for h in r["_history"]
-            if _finite(h.get(sweep.spec.metric)) and _finite(h.get(TIME_ATTR))
-        ]
+        pts = _measured(r["_history"], sweep)
         if pts:
             label = r["trial"] + (" (stopped)" if r["stopped_early"] else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(sweep.spec.metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.set_title(f"{sweep.spec.name}: {sweep.spec.metric} per trial")
     fig.tight_layout()
     buf = io.BytesIO()

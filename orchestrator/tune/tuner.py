@@ -187,3 +187,17 @@ def unfinished_trials(grid: Any, sweep: Sweep) -> int:
     trials = grid._experiment_analysis.trials
     open_ = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
     return open_ + max(0, expected_trials(sweep) - len(trials))
+
+
+def load_results(sweep: Sweep) -> Any:
+    """The ResultGrid of an existing sweep, read from its directory; no trial runs."""
+    from ray.tune import ResultGrid
+    from ray.tune.analysis import ExperimentAnalysis
+
+    check_resumable(sweep, resume=True)
+    path, fs = _storage(sweep)
+    uri = f"{path.rstrip('/')}/{sweep.spec.name}"
+    analysis = ExperimentAnalysis(
+        uri, storage_filesystem=fs, default_metric=sweep.spec.metric, default_mode=sweep.spec.mode
+    )
+    return ResultGrid(analysis)

@@ -277,9 +277,9 @@ max_concurrent_trials: 1
     by_lr = {r["optim.lr"]: r for r in rows}
     assert by_lr[1e-6]["stopped_early"] and by_lr[1e-6]["steps"] == 10
     assert not by_lr[3e-3]["stopped_early"] and by_lr[3e-3]["steps"] == 20
-    assert rows[0]["optim.lr"] != 1e-6  # sorted best first
-    metric = [r["metric_last"] for r in rows]
-    assert metric[0] <= metric[1]
+    assert rows[-1]["optim.lr"] == 1e-6  # finished trials by metric, early-stopped after
+    finished = [r["metric_last"] for r in rows if not r["stopped_early"]]
+    assert finished == sorted(finished) and not rows[0]["stopped_early"]
 
     outputs = report.write(grid, sweep)
     sweep_dir = tmp_path / "sweeps" / "asha"
@@ -291,6 +291,9 @@ max_concurrent_trials: 1
     best = config_lib.load(sweep_dir / "best_recipe.yaml", [])
     assert best.optim.lr == rows[0]["optim.lr"]
     assert set(outputs) == {"csv", "markdown", "best_recipe", "plot_params", "plot_curves"}
+    (sweep_dir / "results.csv").unlink()
+    assert main_tune([f"sweep={path}", "train.total_steps=20", "--report"]) == 0  # no trial runs
+    assert (sweep_dir / "results.csv").read_text().splitlines() == csv_lines
     # each trial is a real Train run with its own checkpoints under the sweep
     for r in rows:
         run = sweep_dir / "train" / r["trial"]
