@@ -1,0 +1,218 @@
+"""Adafactor that gives FSDP-sharded parameters the same update as whole ones.
+
+    opt = Adafactor(param_groups, lr=5e-4)    # a drop-in torch.optim.Adafactor
+
+Without DTensor parameters (one process, DDP) ``step`` is ``torch.optim.Adafactor.step``,
+unchanged. With FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on
+dim 0 over a 1-D mesh) torch's step cannot run: its in-place ops on the norms of sharded
+tensors raise, and factoring each rank's local shard instead would give other second
+moments than the whole matrix. This step follows torch's single-tensor algorithm
+(``torch/optim/_adafactor.py``; Shazeer & Stern 2018 with torch's defaults) on the local
+shards and sums over all shards exactly what needs the whole tensor:
+
+* the parameter RMS (relative step size) and the update RMS (update clipping, ``d``);
+* for a 2-D parameter (its rows split over ranks): the column means of g^2 and the mean of
+  the row factor. Row factors are local. Parameters with 3+ dims are split on dim 0, outside
+  the two factored dims, so both their factors are local.
+
+That is two all-reduces of one flat buffer each per step. The state keeps torch's keys and
+whole-tensor shapes: ``row_var`` split like the parameter's rows, ``col_var`` replicated for
+2-D parameters (split on dim 0 otherwise), ``variance`` split like the parameter. DCP's
+``get_optimizer_state_dict(full_state_dict=True)`` gathers them into torch's unsharded
+layout, so one checkpoint moves between FSDP, DDP and a single process. The TIPS recipes
+use Adafactor (TIPS_NOTES 7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+__all__ = ["Adafactor"]
+
+
+def _dtensor_cls() -> type | None:
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _local(x: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: in-place ops reach the DTensor), else ``x``."""
+    cls = _dtensor_cls()
+    return x.to_local() if cls is not None and isinstance(x, cls) else x
+
+
+@dataclass
+class _Item:
+    """One parameter during a sharded step: local views and whole-tensor sizes."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    group: dict[str, Any]
+    shape: tuple[int, ...]
+    numel: int
+    sharded: bool
+    scratch: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def split_rows(self) -> bool:
+        return self.sharded and len(self.shape) == 2
+
+
+class Adafactor(torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` whose step is also correct for FSDP2-sharded parameters."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        cls = _dtensor_cls()
+        live = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if cls is None or not any(isinstance(p, cls) for p, _ in live):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = [self._item(p, g) for p, g in live]
+        pg = _mesh_group(p for p, _ in live)
+        sharded = [it.sharded for it in items]
+        # 1. step counters and row factors (local); the sums that need every shard
+        totals = _sum_over_shards([self._begin(it) for it in items], sharded, pg)
+        # 2. weight decay, second-moment estimates and the raw updates
+        updates = [self._update(it, total) for it, total in zip(items, totals)]
+        # 3. update RMS over every shard, clipped to d, applied
+        sq = [u.float().square().sum().reshape(1) for u in updates]
+        for it, u, usq in zip(items, updates, _sum_over_shards(sq, sharded, pg)):
+            denom = max(1.0, math.sqrt(float(usq)) / (math.sqrt(it.numel) * it.group["d"]))
+            it.param.add_(u, alpha=-it.scratch["alpha"] / denom)
+        return loss
+
+    def _item(self, p: Tensor, group: dict[str, Any]) -> _Item:
+        if group["maximize"] or torch.is_complex(p):
+            raise NotImplementedError("Adafactor on sharded parameters: no maximize, no complex")
+        cls = _dtensor_cls()
+        sharded = cls is not None and isinstance(p, cls)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state.update(_zero_state(p, sharded))
+        item = _Item(_local(p), _local(p.grad), state, group, tuple(p.shape), p.numel(), sharded)
+        if sharded and len(item.shape) > 1:  # the factors split exactly like the parameter
+            assert _local(state["row_var"]).shape[0] == item.param.shape[0]
+        return item
+
+    @staticmethod
+    def _begin(it: _Item) -> Tensor:
+        """Count the step, update the row factor; return [sum p^2, (col sums g^2, sum row)]."""
+        g, st = it.group, it.state
+        st["step"] += 1
+        s = st["step"].item()
+        it.scratch["omb"] = s ** g["beta2_decay"]  # 1 - beta2_t
+        it.scratch["rho"] = min(float(g["lr"]), 1 / s**0.5)
+        sums = [it.param.float().square().sum().reshape(1)]  # before weight decay, as torch
+        if len(it.shape) > 1:
+            row_var = _local(st["row_var"])
+            row_mean = torch.linalg.vector_norm(it.grad, dim=-1, keepdim=True).square_()
+            row_var.lerp_(row_mean.div_(it.shape[-1]), it.scratch["omb"])
+            if it.split_rows:
+                sums.append(it.grad.float().square().sum(dim=0))  # [C] over the local rows
+                sums.append(row_var.float().sum().reshape(1))
+        return torch.cat(sums)
+
+    @staticmethod
+    def _update(it: _Item, total: Tensor) -> Tensor:
+        """torch's update direction, with whole-tensor sums from ``total``."""
+        g, st, omb = it.group, it.state, it.scratch["omb"]
+        eps1, eps2 = g["eps"]
+        if eps1 is None:
+            eps1 = torch.finfo(it.param.dtype).eps
+        rms = math.sqrt(float(total[0])) / math.sqrt(it.numel)
+        it.scratch["alpha"] = max(eps2, rms) * it.scratch["rho"]
+        if g["weight_decay"] != 0:
+            it.param.mul_(1 - float(g["lr"]) * g["weight_decay"])
+        if len(it.shape) > 1:
+            row_var, col_var = _local(st["row_var"]), _local(st["col_var"])
+            rows, cols = it.shape[-2], it.shape[-1]
+            if it.split_rows:
+                col_mean = total[1 : 1 + cols].reshape(1, cols) / rows
+                row_var_mean = total[1 + cols] / rows
+            else:
+                col_mean = torch.linalg.vector_norm(it.grad, dim=-2, keepdim=True).square_()
+                col_mean = col_mean.div_(rows)
+                row_var_mean = row_var.mean(dim=-2, keepdim=True)
+            col_var.lerp_(col_mean.to(col_var.dtype), omb)
+            var_estimate = row_var @ col_var
+            var_estimate.div_(row_var_mean.to(var_estimate.dtype).clamp(min=eps1))
+        else:
+            variance = _local(st["variance"])
+            variance.lerp_(it.grad * it.grad, omb)
+            var_estimate = variance.clone()
+        return var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(it.grad)
+
+
+def _mesh_group(params: Iterable[Tensor]) -> Any:
+    """The process group of the one 1-D mesh every sharded parameter is split (dim 0) over."""
+    from torch.distributed.tensor import Shard
+
+    cls = _dtensor_cls()
+    meshes = []
+    for p in params:
+        if not isinstance(p, cls):
+            continue
+        placement = p.placements[0]
+        if p.device_mesh.ndim != 1 or not isinstance(placement, Shard) or placement.dim != 0:
+            raise NotImplementedError(
+                f"Adafactor: parameters must be sharded on dim 0 over a 1-D mesh, got "
+                f"{p.placements} on a {p.device_mesh.ndim}-D mesh"
+            )
+        if not any(p.device_mesh == m for m in meshes):
+            meshes.append(p.device_mesh)
+    if len(meshes) != 1:
+        raise NotImplementedError("Adafactor: every sharded parameter must use one mesh")
+    return meshes[0].get_group()
+
+
+def _zero_state(p: Tensor, sharded: bool) -> dict[str, Tensor]:
+    """torch's initial state; for a DTensor, DTensors laid out like its dim-0 split."""
+    shape = list(p.shape)
+    if not sharded:
+        grad = p.grad
+        if p.ndim > 1:
+            return {
+                "row_var": grad.new_zeros([*shape[:-1], 1]),
+                "col_var": grad.new_zeros([*shape[:-2], 1, shape[-1]]),
+            }
+        return {"variance": torch.zeros_like(grad, memory_format=torch.preserve_format)}
+    from torch.distributed.tensor import Replicate, Shard, zeros
+
+    kw = dict(device_mesh=p.device_mesh, dtype=p.grad.dtype)
+    if p.ndim > 1:
+        col_placement = Replicate() if p.ndim == 2 else Shard(0)
+        return {
+            "row_var": zeros([*shape[:-1], 1], placements=[Shard(0)], **kw),
+            "col_var": zeros([*shape[:-2], 1, shape[-1]], placements=[col_placement], **kw),
+        }
+    return {"variance": zeros(shape, placements=[Shard(0)], **kw)}
+
+
+def _sum_over_shards(values: list[Tensor], sharded: list[bool], pg: Any) -> list[Tensor]:
+    """Sum the sharded items' values over ranks in one all-reduce; replicated ones stay."""
+    idx = [i for i, s in enumerate(sharded) if s]
+    if not idx:
+        return values
+    flat = torch.cat([values[i].float() for i in idx])
+    dist.all_reduce(flat, group=pg)
+    out = list(values)
+    for i, v in zip(idx, flat.split([values[i].numel() for i in idx])):
+        out[i] = v
+    return out
