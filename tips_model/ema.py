@@ -27,6 +27,12 @@ Wrappers: DDP / FSDP1 (``.module``) and ``torch.compile`` (``._orig_mod``) are u
 both sides, and wrapper components (``module``, ``_orig_mod``, ``_fsdp_wrapped_module``,
 ``_checkpoint_wrapped_module``) are dropped from parameter names wherever they occur, so a
 teacher made from the bare student matches a wrapped student (or a wrapped submodule).
+
+Sharded parameters (FSDP2 ``fully_shard``: DTensors): the teacher must be sharded like the
+student (same mesh, same placements, hence the same elements on every rank); the update then
+runs on the local shards, elementwise, with no communication. A DTensor paired with a plain
+tensor, or two DTensors sharded differently, is refused: updating one rank's shard from another
+layout would mix unrelated elements.
 """
 
 from __future__ import annotations
@@ -183,6 +189,33 @@ def _matched(
                 f"ema_update_: {kind} {name!r} has shape {tuple(t.shape)} in the teacher and "
                 f"{tuple(s.shape)} in the student"
             )
+        t, s = _local_pair(name, t, s.detach(), kind)
         t_list.append(t)
-        s_list.append(s.detach())
+        s_list.append(s)
     return t_list, s_list
+
+
+def _local_pair(
+    name: str, t: torch.Tensor, s: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local shards of a DTensor pair (views: in-place updates reach the DTensor)."""
+    t_sharded, s_sharded = _is_dtensor(t), _is_dtensor(s)
+    if not t_sharded and not s_sharded:
+        return t, s
+    if not (t_sharded and s_sharded) or (t.placements, t.device_mesh) != (
+        s.placements,
+        s.device_mesh,
+    ):
+        raise ValueError(
+            f"ema_update_: {kind} {name!r} is sharded differently in teacher and student; "
+            "shard the teacher with the student's mesh and units"
+        )
+    return t.to_local(), s.to_local()
+
+
+def _is_dtensor(x: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)

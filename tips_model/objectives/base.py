@@ -86,6 +86,27 @@ class Objective(nn.Module):
     def update_teacher(self, momentum: float) -> None:
         """EMA update of the teacher side after an optimizer step (no-op without one)."""
 
+    def shard_units(self) -> list[str]:
+        """Submodules of ``student`` that a sharding wrapper (FSDP) may make units of their own.
+
+        Dotted names relative to ``student``, innermost first. A unit gathers its parameters
+        only around its own ``forward`` (the wrapper also registers the vision tower's
+        ``forward_value_only_last`` and ``get_intermediate_layers``), so a name belongs here
+        only if this objective and evaluation reach that module through those alone, never
+        through its other methods or parameters; a unit may then be called outside the
+        student's ``forward``. The teacher's submodules of the same names are sharded alike.
+        Everything else stays in the student's root unit. Default: the transformer blocks of
+        ``student.vision`` and ``student.text`` (MUG, for one, calls the vision tower's
+        ``prepare_tokens`` directly, so the tower itself cannot be a unit there).
+        """
+        names = []
+        for tower, blocks in (("vision", "blocks"), ("text", "transformer.resblocks")):
+            if getattr(self.student, tower, None) is None:
+                continue
+            for i, _ in enumerate(self.student.get_submodule(f"{tower}.{blocks}")):
+                names.append(f"{tower}.{blocks}.{i}")
+        return names
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Trainable parameters split into decayed and non-decayed groups.
 

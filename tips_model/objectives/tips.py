@@ -176,6 +176,12 @@ class TipsObjective(Objective):
         """Run the student through ``wrap(student)`` (e.g. DDP); parameters stay shared."""
         self._runner = [wrap(self.student)]
 
+    def shard_units(self) -> list[str]:
+        """Blocks, then both towers and the heads: the loss calls the heads, and head-only EMA
+        the student's vision tower, outside the student's ``forward``."""
+        heads = [n for n in ("dino_head", "ibot_head") if getattr(self.student, n) is not None]
+        return [*super().shard_units(), "vision", "text", *heads]
+
     def required_batch_keys(self) -> set[str]:
         keys = {"global_crops", "alt_ids", "syn_ids"}
         if self.cfg.alpha > 0:
