@@ -151,7 +151,7 @@ class ScalingSection:
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     accelerator_type: str | None = None  # e.g. "A100", "H100": pins workers to a GPU type
-    strategy: str = "ddp"  # ddp | none (FSDP: not built yet, see README)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 sharding, large models) | none; README, Training
     placement_strategy: str = "PACK"
     resize_check_interval_s: float = 60.0  # how often an elastic run looks for more capacity
 
@@ -191,7 +191,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "teacher.momentum_schedule": ("cosine", "linear", "constant"),
     "train.precision": ("bf16", "fp32"),
-    "scaling.strategy": ("ddp", "none"),
+    "scaling.strategy": ("ddp", "fsdp", "none"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "model.tokenizer": ("bpe", "sentencepiece"),
 }

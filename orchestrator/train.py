@@ -4,14 +4,17 @@
 
 1. rebuild and re-validate the typed config; derive the world-size plan (micro-batch,
    accumulation) so ``train.global_batch_size`` is constant across elastic restarts;
-2. build the objective; restore student, teacher, centres, optimizer and step from
+2. build the objective; restore student, teacher, centres and step from
    ``ray.train.get_checkpoint()`` (a restart or a resubmitted run) or ``run.resume_from``;
+   wrap it for ``scaling.strategy`` (DDP, or FSDP sharding: ``orchestrator/parallel.py``),
+   build the optimizer and restore its state;
 3. iterate the dataset shard; per optimizer step: ``accum_steps`` micro-batches of forward
    + backward (bf16 autocast on GPU), a non-finite check agreed by all ranks, clip, step,
    EMA teacher update, schedules indexed by the global step;
 4. every ``log_every_steps`` report metrics on all ranks (``report`` is a barrier); every
    ``checkpoint_every_steps``, at the end, and once when a node is being drained for
-   preemption, rank 0 writes a complete checkpoint and hands it to Ray.
+   preemption, rank 0 writes a complete, unsharded checkpoint (under FSDP every rank joins
+   the gather first) and hands it to Ray.
 
 Randomness inside a step (drop-path, masks are made by the pipeline) is seeded from
 (seed, step, rank), so a resumed run reproduces an uninterrupted one exactly.
@@ -19,7 +22,6 @@ Randomness inside a step (drop-path, masks are made by the pipeline) is seeded f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -43,9 +45,11 @@ from orchestrator.metrics import (
     progress_line,
 )
 from orchestrator.optim import build_optimizer, build_schedules, set_lr
+from orchestrator.parallel import wrap_for_distributed
 from orchestrator.train_state import (
     TrainState,
     persist_checkpoint,
+    read_optimizer_state,
     restore_checkpoint_dir,
     step_seed,
     write_checkpoint_dir,
@@ -67,10 +71,12 @@ def _threads(cfg: Any) -> int:
     return max(1, math.ceil(cpus))
 
 
-def _restore(
-    cfg: Any, objective: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[TrainState, str | None]:
-    """Latest checkpoint of this run first (restart, resize, resubmission), then resume_from."""
+def _restore(cfg: Any, objective: torch.nn.Module) -> tuple[TrainState, str | None, dict | None]:
+    """Latest checkpoint of this run first (restart, resize, resubmission), then resume_from.
+
+    Loads the model (unsharded, before any wrapping) and returns the optimizer state for
+    ``Strategy.load_optimizer_state`` once the optimizer exists.
+    """
     checkpoint = ray.train.get_checkpoint()
     source = "ray.train.get_checkpoint()"
     if checkpoint is None and cfg.run.resume_from:
@@ -79,11 +85,12 @@ def _restore(
         checkpoint = checkpoint_from_uri(cfg.run.resume_from)
         source = cfg.run.resume_from
     if checkpoint is None:
-        return TrainState(seed=cfg.train.seed), None
+        return TrainState(seed=cfg.train.seed), None, None
     with checkpoint.as_directory() as directory:
-        state = restore_checkpoint_dir(directory, objective, optimizer)
+        state = restore_checkpoint_dir(directory, objective, None)
+        optim_state = read_optimizer_state(directory)
     state.nonfinite_in_a_row = 0
-    return state, source
+    return state, source, optim_state
 
 
 def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
@@ -113,20 +120,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
-    optimizer = build_optimizer(objective, cfg)
     schedules = build_schedules(cfg)
-    state, source = _restore(cfg, objective, optimizer)
+    state, source, optim_state = _restore(cfg, objective)
+    strategy = wrap_for_distributed(objective, cfg, device, world_size if distributed else 1)
+    optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
+    if optim_state is not None:
+        strategy.load_optimizer_state(objective, optimizer, optim_state)
     if source and rank == 0:
         logger.info(
-            "resumed at step %d (%d samples) from %s", state.step, state.samples_seen, source
-        )
-    if distributed and cfg.scaling.strategy != "none":
-        objective.wrap_student(
-            lambda m: ray.train.torch.prepare_model(
-                m, move_to_device=False, parallel_strategy="ddp"
-            )
-        )
-    state.plan = {**plan.__dict__}
+            "resumed at step %d (%d samples) from %s (%s, world size %d)",
+            state.step, state.samples_seen, source, strategy.name, world_size,
+        )  # fmt: skip
+    state.plan = {**plan.__dict__, "strategy": strategy.name}  # into train_state.json
     config_yaml = config_lib.to_yaml(cfg)
     tb = TensorBoardWriter(loop_config.get("tensorboard_dir") if rank == 0 else None)
     history = MetricsHistory(loop_config.get("metrics_path") if rank == 0 else None)
@@ -164,15 +169,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state.data_stats[key] = state.data_stats.get(key, 0.0) + value
             position = int(batch.pop("sample_index").max()) + 1
             batch.pop("epoch", None)
-            sync = micro == plan.accum_steps - 1 or not distributed
-            no_sync = contextlib.nullcontext() if sync else objective._runner[0].no_sync()
+            grad_sync = strategy.micro_batch(final=micro == plan.accum_steps - 1)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-            with no_sync, autocast:
+            with grad_sync, autocast:
                 out = objective(batch, step_state)
                 (out.loss / plan.accum_steps).backward()
             total = total + out.loss.detach() / plan.accum_steps
             meter.add("loss", out.losses)
             meter.add("metric", out.metrics)
+        strategy.finish_grads()
         if not _all_finite(total, distributed):
             optimizer.zero_grad(set_to_none=True)
             state.nonfinite_in_a_row += 1
@@ -191,8 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             state.nonfinite_in_a_row = 0
             if cfg.optim.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    objective.student.parameters(), cfg.optim.grad_clip_norm
+                strategy.clip_grad_norm_(
+                    list(objective.student.parameters()), cfg.optim.grad_clip_norm
                 )
             if state.step < cfg.optim.freeze_last_layer_steps:
                 _zero_last_layer_grads(objective)
@@ -216,13 +221,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         want_eval = every > 0 and (state.step % every == 0 or last)
         if want_ckpt or want_eval or state.step % cfg.train.log_every_steps == 0:
             metrics = _metrics(meter, throughput, state, sched, cfg, world_size)
-            if want_eval and rank == 0:  # only rank 0's metrics are kept by Ray
-                metrics.update(_periodic_eval(objective, tokenizer, cfg))
+            # Only rank 0's metrics are kept by Ray; under FSDP every rank runs the towers.
+            if want_eval and (rank == 0 or strategy.collective_eval):
+                with strategy.evaluating():
+                    eval_metrics = _periodic_eval(objective, tokenizer, cfg)
+                if rank == 0:
+                    metrics.update(eval_metrics)
             checkpoint = None
-            if want_ckpt and rank == 0:
+            if want_ckpt:
                 state.world_size_at_save = world_size
-                directory = write_checkpoint_dir(objective, optimizer, state, config_yaml)
-                checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+                model_sd, optim_sd = strategy.full_state_dicts(objective, optimizer, rank)
+                if rank == 0:
+                    directory = write_checkpoint_dir(model_sd, optim_sd, state, config_yaml)
+                    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
             ray.train.report(
                 metrics,
                 checkpoint=checkpoint,

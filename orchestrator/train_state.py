@@ -2,8 +2,8 @@
 
 Layout (DESIGN.md, Checkpoints): ``checkpoint_<step:08d>/`` with
   model.pt          the objective's state_dict (student, teacher/EMA heads, loss centres,
-                    temperature)
-  optim.pt          optimizer state
+                    temperature), unsharded whatever ``scaling.strategy`` trained it
+  optim.pt          optimizer.state_dict(), unsharded (FSDP: gathered, see parallel.py)
   train_state.json  step, samples seen (the data position), seeds, world size at save, plan
   config.yaml       the resolved run config
 
@@ -60,12 +60,19 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_checkpoint_dir(
-    objective: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
     state: TrainState,
     config_yaml: str,
 ) -> Path:
     """Write a complete checkpoint into a new temp directory and return its path.
+
+    Args:
+        model_state: the unsharded ``objective.state_dict()``.
+        optim_state: the unsharded ``optimizer.state_dict()`` (integer parameter ids); under
+            FSDP both come from ``orchestrator.parallel`` (gathered by every rank).
+        state: step, data position, world size at save, plan.
+        config_yaml: the resolved run config.
 
     The directory is named ``checkpoint_<step:08d>`` inside a fresh ``mkdtemp`` parent so the
     name Ray stores it under is stable.
@@ -73,8 +80,8 @@ def write_checkpoint_dir(
     parent = Path(tempfile.mkdtemp(prefix="tips-ckpt-"))
     out = parent / f"checkpoint_{state.step:08d}"
     out.mkdir()
-    save_state_dict(objective.state_dict(), out / "model.pt")
-    save_state_dict(optimizer.state_dict(), out / "optim.pt")
+    save_state_dict(model_state, out / "model.pt")
+    save_state_dict(optim_state, out / "optim.pt")
     _write_json(out / "train_state.json", dataclasses.asdict(state))
     (out / "config.yaml.tmp").write_text(config_yaml)
     os.replace(out / "config.yaml.tmp", out / "config.yaml")
@@ -93,12 +100,17 @@ def read_train_state(directory: str | Path) -> TrainState:
     return TrainState(**{k: v for k, v in raw.items() if k in known})
 
 
+def read_optimizer_state(directory: str | Path) -> dict[str, Any]:
+    """``optim.pt``: the unsharded ``optimizer.state_dict()`` of the run that saved it."""
+    return load_state_dict(Path(directory) / "optim.pt")
+
+
 def restore_checkpoint_dir(
     directory: str | Path,
     objective: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
 ) -> TrainState:
-    """Load model, optimizer and train state from a checkpoint directory (strict)."""
+    """Load model, optimizer (unless None) and train state from a checkpoint dir (strict)."""
     directory = Path(directory)
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
     if missing:

@@ -7,7 +7,8 @@ previous mode; nothing is drawn or written. ``eval_uri`` None (or "synthetic") i
 built-in synthetic set; otherwise any dataset spec ``tips eval data.<task>=`` accepts
 (typically ``DIR/eval`` from ``tips data synth``). Datasets are cached per (spec, kind),
 so only the first call reads them. Pass the unwrapped modules (not DDP wrappers), and call
-it on one rank.
+it on one rank; under FSDP on every rank, inside ``Strategy.evaluating()`` (a sharded tower's
+forward gathers its weights collectively; see orchestrator/parallel.py).
 
 Cost on the tiny recipe (vit_test, 32 images, 2 CPU cores): about a second for the three
 default tasks; linear probes and depth add ``probe_steps`` head steps each.

@@ -75,6 +75,17 @@ def test_choice_fields_are_checked():
         load(TINY, [*DATA, "optim.name=sgd"])
 
 
+@pytest.mark.parametrize("optim", ["adafactor", "adamw"])
+def test_fsdp_strategy_validates_with_both_optimizers(optim):
+    cfg = load(TINY, [*DATA, "scaling.strategy=fsdp", f"optim.name={optim}"])
+    assert cfg.scaling.strategy == "fsdp" and cfg.optim.name == optim
+
+
+def test_unknown_strategy_is_refused_with_its_key():
+    with pytest.raises(ConfigError, match=r"scaling\.strategy='fsdp1': must be one of"):
+        load(TINY, [*DATA, "scaling.strategy=fsdp1"])
+
+
 def test_unregistered_objective_and_encoder_are_refused():
     with pytest.raises(ConfigError, match=r"objective\.name='clipp'.*registered"):
         load(TINY, [*DATA, "objective.name=clipp"])

@@ -7,6 +7,7 @@ Train worker actors.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -209,3 +210,62 @@ def test_two_cpu_workers_with_ddp(ray_train_runtime, data_cfg, synth_data, tmp_p
     assert result.error is None
     assert result.metrics["train/world_size"] == 2
     assert result.metrics["data/samples_seen"] == 6 * 8
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_workers_checkpoint_resumes_on_one(
+    ray_train_runtime, data_cfg, synth_data, tmp_path
+):
+    import torch
+
+    from tips_model.checkpoints import load_state_dict
+
+    two = absolutize(
+        _cfg(
+            data_cfg, synth_data, tmp_path,
+            "run.name=fsdp", "scaling.strategy=fsdp", "optim.name=adafactor",
+            "scaling.min_workers=2", "scaling.max_workers=2",
+            "scaling.resources_per_worker={CPU: 0.5}", "data.num_cpus_per_map_task=0.5",
+        )
+    )  # fmt: skip
+    result = fit(two)
+    assert result.error is None
+    assert result.metrics["train/world_size"] == 2 and result.metrics["train/step"] == 6
+    # the periodic evaluation at the last step ran, on both ranks, with sharded towers
+    assert any(k.startswith("eval/") for k in result.metrics)
+    ckpt = tmp_path / "runs" / "fsdp" / "checkpoint_00000003"
+    plan = json.loads((ckpt / "train_state.json").read_text())["plan"]
+    assert plan["strategy"] == "fsdp" and plan["world_size"] == 2
+    saved = load_state_dict(ckpt / "model.pt")
+    # 1. the checkpoint is unsharded: the keys and shapes of a fresh objective's state_dict
+    from tips_model.objectives import build_objective
+    from tips_model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(two.model.tokenizer, max_len=two.model.max_text_len)
+    fresh = build_objective(two.objective, two.model, tok.vocab_size).state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in fresh.items()}
+    # 2. one worker resumes it: lr 0 and EMA momentum 1 keep the loaded weights through a step
+    one = absolutize(
+        _cfg(
+            data_cfg, synth_data, tmp_path,
+            "run.name=fsdp_resumed", "scaling.strategy=fsdp", "optim.name=adafactor",
+            "scaling.min_workers=1", "scaling.max_workers=1", f"run.resume_from={ckpt}",
+            "train.total_steps=4", "optim.lr=0", "optim.final_lr=0",
+            "teacher.momentum_start=1.0", "teacher.momentum_end=1.0",
+        )
+    )  # fmt: skip
+    result = fit(one)
+    assert result.error is None
+    assert sorted(_losses(one)) == [4]  # it continued at the checkpoint's step
+    assert result.metrics["train/world_size"] == 1
+    after = tmp_path / "runs" / "fsdp_resumed" / "checkpoint_00000004"
+    weights = load_state_dict(after / "model.pt")
+    params = [k for k in saved if k.startswith(("student.", "teacher."))]
+    assert params
+    for k in params:
+        torch.testing.assert_close(weights[k], saved[k], rtol=0, atol=0, msg=k)
+    # the optimizer state came along: every step counter went on from 3, not from 0
+    steps = {float(s["step"]) for s in load_state_dict(after / "optim.pt")["state"].values()}
+    assert steps == {4.0}
+    plan = json.loads((after / "train_state.json").read_text())["plan"]
+    assert plan["strategy"] == "none" and plan["world_size"] == 1  # FSDP over 1 worker: no-op
