@@ -45,3 +45,10 @@ def test_paper_recipes_restate_paper_values():
     hr = load(RECIPES / "tips_g14_hr.yaml", FILL)
     assert (hr.augment.global_crop_size, hr.augment.local_crop_size) == (448, 140)
     assert hr.train.global_batch_size == 4096
+
+
+def test_giant_recipes_shard_with_fsdp_and_keep_adafactor():
+    for name in ("tips_g14.yaml", "tips_g14_hr.yaml"):
+        cfg = load(RECIPES / name, FILL)
+        assert cfg.scaling.strategy == "fsdp" and cfg.optim.name == "adafactor"
+        assert cfg.train.precision == "bf16" and cfg.model.grad_checkpointing
