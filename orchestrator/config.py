@@ -132,7 +132,11 @@ class TrainConfig:
     batch_size_per_worker: int = 256  # largest micro-batch a worker runs at once
     precision: str = "bf16"  # bf16 autocast on GPU | fp32 (CPU always runs fp32)
     seed: int = 0
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # progress line, TensorBoard, metrics.jsonl (rank 0)
+    # Ray's controller takes one report per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and
+    # a report blocks until the previous one was taken: metrics-only reports are sent at most
+    # this often (checkpoints, evaluations and the last step always are). 0 = every log step.
+    report_min_interval_s: float = 2.0
     checkpoint_every_steps: int = 500
     eval_every_steps: int = 0  # 0 = no periodic evaluation (rank 0, on data.eval_uri)
     eval_tasks: list[str] = field(
@@ -424,6 +428,7 @@ def validate(cfg: Any, source: str = "config") -> None:
     for key in ("total_steps", "batch_size_per_worker", "log_every_steps"):
         _require(_get(t, key) >= 1, source, f"train.{key} must be >= 1")
     _require(t.checkpoint_every_steps >= 1, source, "train.checkpoint_every_steps must be >= 1")
+    _require(t.report_min_interval_s >= 0, source, "train.report_min_interval_s must be >= 0")
     s = cfg.scaling
     _require(
         0 <= s.min_workers <= s.max_workers,
