@@ -146,6 +146,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU reservation
     preemption_check_every_steps: int = 5  # ray.train.get_preemption_info() is a barrier
+    # after a drain notice: checkpoint at once, and again this long (plus twice that first
+    # checkpoint's duration) before the node's deadline; a spot notice gives 120 s on EC2
+    preemption_margin_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,7 @@ def validate(cfg: Any, source: str = "config") -> None:
         _require(_get(t, key) >= 1, source, f"train.{key} must be >= 1")
     _require(t.checkpoint_every_steps >= 1, source, "train.checkpoint_every_steps must be >= 1")
     _require(t.report_min_interval_s >= 0, source, "train.report_min_interval_s must be >= 0")
+    _require(t.preemption_margin_s >= 0, source, "train.preemption_margin_s must be >= 0")
     s = cfg.scaling
     _require(
         0 <= s.min_workers <= s.max_workers,

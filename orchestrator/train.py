@@ -148,6 +148,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     first_step_unix = 0.0  # when this worker group finished its first step (start-up cost)
     preempt_every = max(1, cfg.train.preemption_check_every_steps)
     saved_for_preemption = False
+    drain_deadline: float | None = None  # unix seconds when a drained node goes
+    saved_before_deadline = False
+    checkpoint_s = 0.0  # how long the just-in-time checkpoint took
     while state.step < plan.total_steps:
         torch.manual_seed(step_seed(cfg.train.seed, state.step, rank))
         sched = schedules.at(state.step)
@@ -217,7 +220,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # 4. report, checkpoint, preemption
         preempted = False
         if state.step % preempt_every == 0 and not saved_for_preemption:
-            preempted = ray.train.get_preemption_info() is not None
+            info = ray.train.get_preemption_info()
+            preempted = info is not None
+            if preempted and info.deadline_ms:
+                drain_deadline = info.deadline_ms / 1000.0
+        elif drain_deadline is not None and not saved_before_deadline:
+            # 2nd checkpoint just before the node goes: the steps trained since the
+            # just-in-time one are kept too, so a preemption loses ~margin, not an interval
+            margin = cfg.train.preemption_margin_s + 2 * checkpoint_s
+            preempted = _agreed(time.time() >= drain_deadline - margin, device, distributed)
+            saved_before_deadline = preempted
         last = state.step >= plan.total_steps
         want_ckpt = last or preempted or state.step % cfg.train.checkpoint_every_steps == 0
         every = cfg.train.eval_every_steps
@@ -231,7 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     eval_metrics = _periodic_eval(objective, tokenizer, cfg)
                 if rank == 0:
                     metrics.update(eval_metrics)
-            checkpoint = None
+            checkpoint, t_save = None, time.monotonic()
             if want_ckpt:
                 state.world_size_at_save = world_size
                 model_sd, optim_sd = strategy.full_state_dicts(objective, optimizer, rank)
@@ -257,10 +269,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tb.write(metrics, state.step)
                 history.write(metrics)
             if preempted:
+                checkpoint_s = max(checkpoint_s, time.monotonic() - t_save)
+                if rank == 0 and not saved_for_preemption:
+                    left = f"{drain_deadline - time.time():.0f} s" if drain_deadline else "?"
+                    logger.warning(
+                        "node drain detected: checkpoint at step %d saved (deadline in %s)",
+                        state.step, left,
+                    )  # fmt: skip
+                elif rank == 0:
+                    logger.warning("drain deadline near: checkpoint at step %d saved", state.step)
                 saved_for_preemption = True
-                if rank == 0:
-                    logger.warning("node drain detected: checkpoint at step %d saved", state.step)
     tb.close()
+
+
+def _agreed(flag: bool, device: torch.device, distributed: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (decisions that lead to a collective call)."""
+    if not distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _report_due(last_report: float, cfg: Any, device: torch.device, distributed: bool) -> bool:
@@ -272,12 +300,9 @@ def _report_due(last_report: float, cfg: Any, device: torch.device, distributed:
     with a 40 ms step and a report every 10 steps that cost 80% of the time (benchmarks/
     train_overhead.py). Local logging is not gated.
     """
-    due = time.monotonic() - last_report >= cfg.train.report_min_interval_s
-    if not distributed:
-        return due
-    flag = torch.tensor([int(due)], dtype=torch.int32, device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    return _agreed(
+        time.monotonic() - last_report >= cfg.train.report_min_interval_s, device, distributed
+    )
 
 
 def _periodic_eval(objective: torch.nn.Module, tokenizer: Any, cfg: Any) -> dict[str, float]:

@@ -134,6 +134,8 @@ def test_drain_makes_workers_checkpoint_before_the_node_goes(shards, tmp_path):
     # A checkpoint off the every-4 cadence exists: the just-in-time one on the drain notice.
     assert any(s % 4 for s in steps), steps
     assert "node drain detected" in proc.stdout + proc.stderr
+    # and again within train.preemption_margin_s (15 s) of the 15 s deadline: at once here
+    assert "drain deadline near" in proc.stdout + proc.stderr
     rows = read_history(runs / "drain" / "metrics.jsonl")
     assert rows[-1]["train/step"] == 60 and rows[-1]["data/samples_seen"] == 60 * 8
 
