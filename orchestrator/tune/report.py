@@ -180,11 +180,7 @@ def _plot_params(rows: list[dict[str, Any]], sweep: Sweep) -> bytes:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{sweep.spec.name}: {sweep.spec.metric} at each trial's last report")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _measured(history: list[dict[str, Any]], sweep: Sweep) -> list[tuple[float, float]]:
@@ -220,6 +216,12 @@ def _plot_curves(rows: list[dict[str, Any]], sweep: Sweep) -> bytes:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     ax.set_title(f"{sweep.spec.name}: {sweep.spec.metric} per trial")
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -226,7 +226,7 @@ def tune_runtime(s3_endpoint: str):
     ray.shutdown()
 
 
-def _sweep_file(tmp_path: Path, synth: Path, body: str) -> Path:
+def sweep_file(tmp_path: Path, synth: Path, body: str) -> Path:
     common = f"""
 recipe: {ROOT / "recipes" / "tiny_cpu.yaml"}
 storage_uri: {tmp_path / "sweeps"}
@@ -256,7 +256,7 @@ def test_asha_stops_the_worst_trial_and_writes_the_outputs(tune_runtime, synth_d
 
     # Trials run one at a time in grid order, so the rung comparisons are deterministic:
     # the third trial (lr 1e-6: nothing learns) is below both others at step 10 and stops.
-    path = _sweep_file(
+    path = sweep_file(
         tmp_path,
         synth_data,
         """
@@ -306,7 +306,7 @@ def test_pbt_exploits_a_better_trials_checkpoint(tune_runtime, synth_data, tmp_p
 
     # Two trials, one with a useless learning rate: at step 10 the worse one (bottom half)
     # must restart from the better one's step-10 checkpoint with perturbed values.
-    path = _sweep_file(
+    path = sweep_file(
         tmp_path,
         synth_data,
         """

@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.tune.driver import INCARNATIONS_FILE
+from tests.orchestrator.test_tune import sweep_file
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = "train.total_steps=20"
 
 
 def _finished_trials(sweep_dir: Path) -> list[str]:
@@ -55,43 +57,26 @@ def _tune(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(synth_data, tmp_path):
-    storage = tmp_path / "sweeps"
-    sweep = tmp_path / "resume.yaml"
-    sweep.write_text(
-        f"""
-recipe: {ROOT / "recipes" / "tiny_cpu.yaml"}
+    sweep = sweep_file(
+        tmp_path,
+        synth_data,
+        """
 name: resume
-storage_uri: {storage}
-overrides:
-  - data.train_uri={synth_data / "train"}
-  - augment.num_local_crops=2
-  - train.total_steps=20
-  - train.global_batch_size=8
-  - train.batch_size_per_worker=8
-  - train.log_every_steps=5
-  - train.checkpoint_every_steps=5
-  - train.eval_every_steps=0
-  - optim.warmup_steps=2
-  - teacher.temp_warmup_steps=2
-  - "scaling.resources_per_worker={{CPU: 0.5}}"
-  - data.num_cpus_per_map_task=0.25
-  - data.map_batch_size=8
-  - run.tensorboard=false
 metric: loss/total
 mode: min
 space:
-  optim.lr: {{grid: [1.0e-3, 2.0e-3, 3.0e-3]}}
-scheduler: {{name: fifo}}
+  optim.lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}
+scheduler: {name: fifo}
 max_concurrent_trials: 1
-trial: {{driver_resources: {{CPU: 0.25}}, max_failures: 0}}
-"""
+""",
     )
+    storage = tmp_path / "sweeps"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TIPS_TUNE_VERBOSE": "0"}
     env.pop("RAY_ADDRESS", None)
     sweep_dir = storage / "resume"
 
     # 1. start the sweep; interrupt it (Ctrl-C) once the first trial has finished
-    first = _tune([f"sweep={sweep}"], env)
+    first = _tune([f"sweep={sweep}", STEPS], env)
     deadline = time.monotonic() + 400
     while not _finished_trials(sweep_dir) and first.poll() is None:
         assert time.monotonic() < deadline, "no trial finished in time"
@@ -109,12 +94,12 @@ trial: {{driver_resources: {{CPU: 0.25}}, max_failures: 0}}
     assert "resume=true" in out and "unfinished" in out
 
     # 2. the same command again is refused: it would start the sweep over
-    again = _tune([f"sweep={sweep}"], env)
+    again = _tune([f"sweep={sweep}", STEPS], env)
     out_again, _ = again.communicate(timeout=300)
     assert again.returncode == 2 and "resume=true" in out_again, out_again[-2000:]
 
     # 3. resume=true finishes the rest
-    resumed = _tune([f"sweep={sweep}", "resume=true"], env)
+    resumed = _tune([f"sweep={sweep}", STEPS, "resume=true"], env)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     with open(sweep_dir / "results.csv") as f:
