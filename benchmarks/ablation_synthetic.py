@@ -1,15 +1,21 @@
-"""Ablation on the synthetic set: contrastive only (CLIP-like) vs TIPS vs TIPSv2 (issue 5).
+"""Ablation on the synthetic set: CLIP-like vs TIPS vs TIPSv2, beside CLOC and MUG (issues 5, 8).
 
     python benchmarks/ablation_synthetic.py --out runs/ablation            # tiny recipe
     python benchmarks/ablation_synthetic.py --steps 1000 --n 4096 --out runs/ablation_long
 
-Trains ``recipes/tiny_cpu.yaml`` three times with the same data, steps and seed, changing
-only the objective:
+Trains the tiny model (vit_test + text_test) with the same data, steps, batch and seed,
+changing only the objective:
 
-* ``clip``   - ``objective.name=tips objective.alpha=0 objective.beta=0``: the dual-CLS
+* ``clip``   - ``tiny_cpu.yaml`` with ``objective.alpha=0 objective.beta=0``: the dual-CLS
   contrastive terms only (CLIP-like);
-* ``tips``   - TIPS: contrastive + DINO self-distillation + iBOT MIM (TIPS_NOTES 3.1);
-* ``tipsv2`` - TIPSv2: iBOT++ on all patch tokens, head-only EMA (TIPS_NOTES 3.5, 8);
+* ``tips``   - ``tiny_cpu.yaml``: contrastive + DINO self-distillation + iBOT MIM
+  (TIPS_NOTES 3.1);
+* ``tipsv2`` - ``tiny_cpu.yaml`` with ``objective.name=tipsv2``: iBOT++ on all patch tokens,
+  head-only EMA (TIPS_NOTES 3.5, 8);
+* ``cloc``   - ``cloc_tiny.yaml``: CLIP + region-text contrastive + grounding through the
+  prompter (TIPS_NOTES 11), on the synthetic set's regions;
+* ``mug``    - ``mug_tiny.yaml``: MAE reconstruction + alt-text captioning (TIPS_NOTES 12);
+  it has no text encoder, so the text-side columns (zero-shot seg, retrieval) are n/a;
 
 then evaluates each final checkpoint on the synthetic evaluation split and prints one
 Markdown table: zero-shot segmentation mIoU (TIPS protocol), linear-probe mIoU, depth-probe
@@ -29,11 +35,13 @@ import logging
 import sys
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
-ARMS: dict[str, list[str]] = {
-    "clip": ["objective.name=tips", "objective.alpha=0", "objective.beta=0"],
-    "tips": ["objective.name=tips"],
-    "tipsv2": ["objective.name=tipsv2"],
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ARMS: dict[str, tuple[str, list[str]]] = {  # arm -> (recipe, overrides)
+    "clip": ("tiny_cpu.yaml", ["objective.name=tips", "objective.alpha=0", "objective.beta=0"]),
+    "tips": ("tiny_cpu.yaml", ["objective.name=tips"]),
+    "tipsv2": ("tiny_cpu.yaml", ["objective.name=tipsv2"]),
+    "cloc": ("cloc_tiny.yaml", []),
+    "mug": ("mug_tiny.yaml", []),
 }
 COLUMNS = [  # (header, task, metric)
     ("zero-shot seg mIoU", "zero_shot_seg", "miou"),
@@ -62,6 +70,7 @@ def train_arm(name: str, args: argparse.Namespace, data: Path) -> str:
     from orchestrator import config as config_lib
     from orchestrator.trainer import fit
 
+    recipe, arm_overrides = ARMS[name]
     overrides = [
         f"data.train_uri={data / 'train'}",
         f"data.seed={args.seed}",
@@ -69,10 +78,11 @@ def train_arm(name: str, args: argparse.Namespace, data: Path) -> str:
         f"train.total_steps={args.steps}",
         f"run.name=ablation_{name}",
         f"run.storage_uri={Path(args.out).resolve() / 'runs'}",
-        *ARMS[name],
+        "train.eval_every_steps=0",
+        *arm_overrides,
         *args.overrides,
     ]
-    cfg = config_lib.load(RECIPE, overrides)
+    cfg = config_lib.load(RECIPES / recipe, overrides)
     result = fit(cfg)
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"arm {name}: training failed: {result.error}")
@@ -81,7 +91,7 @@ def train_arm(name: str, args: argparse.Namespace, data: Path) -> str:
 
 def evaluate_arm(checkpoint: str, data: Path, probe_steps: int) -> dict[str, float]:
     from orchestrator.eval import EvalOptions, load_encoders
-    from orchestrator.evaluate import run_eval
+    from orchestrator.evaluate import VISION_TASKS, run_eval
 
     tasks = sorted({task for _, task, _ in COLUMNS})
     spec = f"synthetic:{data / 'eval'}"
@@ -89,6 +99,8 @@ def evaluate_arm(checkpoint: str, data: Path, probe_steps: int) -> dict[str, flo
     enc = load_encoders(checkpoint)
     out: dict[str, float] = {}
     for task in tasks:
+        if enc.text is None and task not in VISION_TASKS:
+            continue  # a vision-only objective (MUG): no text tower to compare against
         task_opts = dataclasses.replace(opts, cls="syn") if task == "retrieval" else opts
         (result,) = run_eval(enc, [task], {task: spec}, task_opts)
         out.update({f"{task}/{k}": v for k, v in result.metrics.items()})
@@ -104,7 +116,10 @@ def table(rows: dict[str, dict[str, float]], steps: int) -> str:
         "|---|" + "---|" * len(COLUMNS),
     ]
     for arm, m in rows.items():
-        cells = [f"{m[f'{task}/{metric}']:.3f}" for _, task, metric in COLUMNS]
+        cells = [
+            f"{m[f'{task}/{metric}']:.3f}" if f"{task}/{metric}" in m else "n/a"
+            for _, task, metric in COLUMNS
+        ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
