@@ -173,3 +173,27 @@ def test_state_dict_round_trip_is_exact(name):
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb
         torch.testing.assert_close(va, vb, rtol=0, atol=0)
+
+
+def test_ibot_distills_masked_tokens_only_and_centres_on_them():
+    """iBOT (TIPS v1): heads run on masked tokens only (DINOv2), and the result equals running
+    them on every token and selecting; the patch centre averages the masked tokens only."""
+    from tips_model.objectives.base import images_to_float
+
+    obj = build()
+    batch = make_batch()
+    glob = images_to_float(batch["global_crops"].flatten(0, 1))
+    masks = batch["masks"].flatten(0, 1).flatten(1)  # [B,N]
+    assert 0 < masks.sum() < masks.numel()
+    with torch.no_grad():
+        t_logits = obj.teacher["dino_head"](obj.teacher["vision"](glob).patch_tokens).float()
+        t_probs = obj.ibot_loss.softmax_center_teacher(t_logits, 0.05)  # centre still 0
+        locs = images_to_float(batch["local_crops"].flatten(0, 1))
+        s = obj.student(glob, masks, locs, batch["alt_ids"], batch["syn_ids"], 1)
+        s_logits = obj.student.patch_head()(s.glob.patch_tokens)  # every token
+        expected = obj.ibot_loss.forward_masked(s_logits, t_probs, masks)
+        out = obj(batch, StepState(step=0, teacher_temp=0.05))
+    torch.testing.assert_close(out.losses["ibot"], expected)
+    center = obj.ibot_loss.center.flatten()
+    torch.testing.assert_close(center, 0.1 * t_logits[masks].mean(0))  # momentum 0.9 from 0
+    assert not torch.allclose(center, 0.1 * t_logits.flatten(0, 1).mean(0))

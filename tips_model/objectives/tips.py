@@ -199,9 +199,12 @@ class TipsObjective(Objective):
 
     # ------------------------------------------------------------------ forward
     def _teacher_targets(
-        self, global_imgs: torch.Tensor, temp: float
+        self, global_imgs: torch.Tensor, temp: float, masks: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Teacher probabilities on the unmasked global crops: CLS [B*G,K], patches [B*G,N,K]."""
+        """Teacher probabilities on the unmasked global crops: CLS [B*G,K]; patches
+        [n_masked,K] rows ``x[masks]`` for iBOT (``mim_tokens="masked"``: the head, the
+        centring and the centre update see only the tokens that are distilled, as in DINOv2)
+        or [B*G,N,K] for iBOT++ (every token is distilled)."""
         cfg = self.cfg
         with torch.no_grad():
             backbone = self.teacher["vision"] if cfg.teacher == "full_ema" else self.student.vision
@@ -214,7 +217,11 @@ class TipsObjective(Objective):
                 self.dino_loss.update_center(cls_logits)
             if cfg.beta > 0:
                 head = self.teacher["ibot_head" if "ibot_head" in self.teacher else "dino_head"]
-                patch_logits = head(out.patch_tokens).float()
+                tokens = out.patch_tokens  # [B*G,N,D]
+                if cfg.mim_tokens == "masked" and masks is not None:
+                    tokens = tokens[masks]  # [n_masked,D]: a 65536-way head on every token
+                    # would cost ~3x the backbone's FLOPs and most of the step's memory
+                patch_logits = head(tokens).float()
                 patch_probs = self._center(self.ibot_loss, patch_logits, temp)
                 self.ibot_loss.update_center(patch_logits)
         return cls_logits, cls_probs, patch_probs
@@ -237,7 +244,7 @@ class TipsObjective(Objective):
         if cfg.alpha > 0 and batch["local_crops"].shape[1] > 0:
             local_imgs = images_to_float(batch["local_crops"].flatten(0, 1))  # [B*M,3,h,w]
         # 2. teacher targets on the unmasked global crops
-        _, cls_probs, patch_probs = self._teacher_targets(global_imgs, step.teacher_temp)
+        _, cls_probs, patch_probs = self._teacher_targets(global_imgs, step.teacher_temp, masks)
         # 3. student
         s = self._runner[0](global_imgs, masks, local_imgs, batch["alt_ids"], batch["syn_ids"], g)
         # 4. contrastive, dual CLS
@@ -260,8 +267,8 @@ class TipsObjective(Objective):
             total = total + cfg.alpha * losses["dino"]
         # 6. MIM on patch tokens
         if cfg.beta > 0 and patch_probs is not None:
-            s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
             if cfg.mim_tokens == "all":
+                s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
                 losses["ibot"] = self.ibot_loss.forward_all(
                     s_patch,
                     patch_probs,
@@ -270,6 +277,7 @@ class TipsObjective(Objective):
                     visible_weight=cfg.mim_visible_weight,
                 )
             else:
+                s_patch = student.patch_head()(s.glob.patch_tokens[masks])  # [n_masked,K]
                 losses["ibot"] = self.ibot_loss.forward_masked(s_patch, patch_probs, masks)
             total = total + cfg.beta * losses["ibot"]
         if cfg.koleo_weight > 0:
