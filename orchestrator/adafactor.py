@@ -2,9 +2,16 @@
 
     opt = Adafactor(param_groups, lr=5e-4)    # a drop-in torch.optim.Adafactor
 
-Without DTensor parameters (one process, DDP) ``step`` is ``torch.optim.Adafactor.step``,
-unchanged. With FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on
-dim 0 over a 1-D mesh) torch's step cannot run: its in-place ops on the norms of sharded
+Without DTensor parameters (one process, DDP) ``step`` computes torch's update
+(``torch/optim/_adafactor.py``, the same state keys and shapes) without reading anything
+back to the host: torch's step calls ``.item()`` on two norms per parameter, ~600 host syncs
+per ViT-B/14 TIPS step that left the GPU idle for 28 % of the step on an H200 (README,
+"GPU step"). Here the norms, relative step sizes and update clipping stay on the device
+(computed in float64, as torch's Python floats are) and only the step counters, which torch
+keeps on the CPU, are read.
+
+With FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on dim 0 over
+a 1-D mesh) torch's step cannot run: its in-place ops on the norms of sharded
 tensors raise, and factoring each rank's local shard instead would give other second
 moments than the whole matrix. This step follows torch's single-tensor algorithm
 (``torch/optim/_adafactor.py``; Shazeer & Stern 2018 with torch's defaults) on the local
@@ -78,6 +85,9 @@ class Adafactor(torch.optim.Adafactor):
         cls = _dtensor_cls()
         live = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if cls is None or not any(isinstance(p, cls) for p, _ in live):
+            if closure is None and _device_step_ok(self.param_groups, self.state):
+                self._device_step()
+                return None
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -96,6 +106,54 @@ class Adafactor(torch.optim.Adafactor):
             denom = max(1.0, math.sqrt(float(usq)) / (math.sqrt(it.numel) * it.group["d"]))
             it.param.add_(u, alpha=-it.scratch["alpha"] / denom)
         return loss
+
+    def _device_step(self) -> None:
+        """torch's Adafactor step for whole (unsharded) parameters with no host sync."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, d, wd = float(group["lr"]), group["d"], group["weight_decay"]
+            eps1, eps2 = group["eps"]
+            grads = [p.grad for p in params]
+            states = []
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                    st.update(_zero_state(p, sharded=False))
+                st["step"] += 1  # a CPU tensor, as torch keeps it: reading it costs no sync
+                states.append(st)
+            steps = [float(st["step"]) for st in states]
+            p_norms = torch._foreach_norm(params)  # before weight decay, as torch
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            updates = []
+            for p, g, st, s in zip(params, grads, states, steps):
+                omb = s ** group["beta2_decay"]  # 1 - beta2_t
+                e1 = eps1 if eps1 is not None else torch.finfo(p.dtype).eps
+                if g.dim() > 1:
+                    row_var, col_var = st["row_var"], st["col_var"]
+                    row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
+                    row_var.lerp_(row_mean.div_(g.size(-1)), omb)
+                    col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
+                    col_var.lerp_(col_mean.div_(g.size(-2)), omb)
+                    var = row_var @ col_var
+                    var.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=e1))
+                else:
+                    st["variance"].lerp_(g * g, omb)
+                    var = st["variance"].clone()
+                updates.append(var.clamp_(min=e1 * e1).rsqrt_().mul_(g))
+            u_norms = torch._foreach_norm(updates)
+            dev = params[0].device
+            sqrt_n = torch.tensor([p.numel() ** 0.5 for p in params], dtype=torch.float64)
+            rho = torch.tensor([min(lr, 1 / s**0.5) for s in steps], dtype=torch.float64)
+            sqrt_n, rho = sqrt_n.to(dev, non_blocking=True), rho.to(dev, non_blocking=True)
+            alpha = (torch.stack(p_norms).double() / sqrt_n).clamp_(min=eps2) * rho
+            denom = (torch.stack(u_norms).double() / (sqrt_n * d)).clamp_(min=1.0)
+            scale = (alpha / denom).neg_().to(updates[0].dtype)
+            torch._foreach_mul_(updates, list(scale.unbind(0)))
+            torch._foreach_add_(params, updates)
 
     def _item(self, p: Tensor, group: dict[str, Any]) -> _Item:
         if group["maximize"] or torch.is_complex(p):
@@ -158,6 +216,24 @@ class Adafactor(torch.optim.Adafactor):
             variance.lerp_(it.grad * it.grad, omb)
             var_estimate = variance.clone()
         return var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(it.grad)
+
+
+def _device_step_ok(groups: list[dict[str, Any]], state: Any) -> bool:
+    """Whether ``_device_step`` covers every parameter: real dense tensors of one device and
+    dtype, no ``maximize``, CPU step counters (torch's layout; a device counter would sync)."""
+    devices, dtypes = set(), set()
+    for g in groups:
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            if g["maximize"] or torch.is_complex(p) or p.grad.is_sparse:
+                return False
+            st = state.get(p)
+            if st and not st["step"].is_cpu:
+                return False
+            devices.add(p.device)
+            dtypes.add(p.dtype)
+    return len(devices) <= 1 and len(dtypes) <= 1
 
 
 def _mesh_group(params: Iterable[Tensor]) -> Any:
