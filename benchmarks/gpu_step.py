@@ -100,6 +100,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="0: from the device name")
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every vision/text tower in place (nn.Module.compile, static shapes)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile the TIPS step and print the N kernels with most device time",
+    )
     ap.add_argument("overrides", nargs="*", help="extra key=value recipe overrides")
     args = ap.parse_args()
 
@@ -119,6 +131,13 @@ def main() -> None:
     vocab = build_tokenizer("bpe", max_len=cfg.model.max_text_len).vocab_size
     torch.manual_seed(0)
     objective = build_objective(cfg.objective, cfg.model, vocab).to(device)
+    if args.compile:
+        from tips_model.text import TextTransformer
+        from tips_model.vision import VisionTransformer
+
+        for mod in objective.modules():
+            if isinstance(mod, VisionTransformer | TextTransformer):
+                mod.compile(dynamic=False)
     optimizer = build_optimizer(objective, cfg)
     sched = build_schedules(cfg).at(100)
     batch = make_batch(cfg, args.batch, vocab, device)
@@ -150,6 +169,20 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         sec = timed(fn, args.steps, args.warmup, device)
         rows.append((name, args.batch / sec, flops / sec / 1e12))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                tips_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(
+            sort_by=key, row_limit=args.profile, max_name_column_width=60
+        )
+        print(table)
     peak = args.peak_tflops
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if not peak:
@@ -158,7 +191,8 @@ def main() -> None:
     print()
     print(
         f"{Path(args.recipe).name}: {cfg.model.vision} + {cfg.model.text}, batch {args.batch}, "
-        f"{cfg.train.precision if bf16 else 'fp32'}, {dev_name}, peak {peak or '?'} TFLOP/s, "
+        f"{cfg.train.precision if bf16 else 'fp32'}{', compiled' if args.compile else ''}, "
+        f"{dev_name}, torch {torch.__version__}, peak {peak or '?'} TFLOP/s, "
         f"max memory {mem:.1f} GiB"
     )
     print("| setting | images/s | ratio vs baseline | TFLOP/s | MFU |")
