@@ -22,9 +22,10 @@ shards and sums over all shards exactly what needs the whole tensor:
   the row factor. Row factors are local. Parameters with 3+ dims are split on dim 0, outside
   the two factored dims, so both their factors are local.
 
-That is two all-reduces of one flat buffer each per step. The state keeps torch's keys and
-whole-tensor shapes: ``row_var`` split like the parameter's rows, ``col_var`` replicated for
-2-D parameters (split on dim 0 otherwise), ``variance`` split like the parameter. DCP's
+That is two all-reduces of one flat buffer each per step, and, as above, no host sync.
+The state keeps torch's keys and whole-tensor shapes: ``row_var`` split like the
+parameter's rows, ``col_var`` replicated for 2-D parameters (split on dim 0 otherwise),
+``variance`` split like the parameter. DCP's
 ``get_optimizer_state_dict(full_state_dict=True)`` gathers them into torch's unsharded
 layout, so one checkpoint moves between FSDP, DDP and a single process. The TIPS recipes
 use Adafactor (TIPS_NOTES 7).
@@ -70,7 +71,7 @@ class _Item:
     shape: tuple[int, ...]
     numel: int
     sharded: bool
-    scratch: dict[str, float] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)  # floats and 0-d device tensors
 
     @property
     def split_rows(self) -> bool:
@@ -103,8 +104,10 @@ class Adafactor(torch.optim.Adafactor):
         # 3. update RMS over every shard, clipped to d, applied
         sq = [u.float().square().sum().reshape(1) for u in updates]
         for it, u, usq in zip(items, updates, _sum_over_shards(sq, sharded, pg)):
-            denom = max(1.0, math.sqrt(float(usq)) / (math.sqrt(it.numel) * it.group["d"]))
-            it.param.add_(u, alpha=-it.scratch["alpha"] / denom)
+            # on the device, in float64 like torch's Python floats: no host sync per parameter
+            rms_u = usq.double().sqrt().reshape(()) / (math.sqrt(it.numel) * it.group["d"])
+            scale = it.scratch["alpha"] / rms_u.clamp_(min=1.0)
+            it.param.add_(u * scale.neg_().to(u.dtype))
         return loss
 
     def _device_step(self) -> None:
@@ -194,8 +197,8 @@ class Adafactor(torch.optim.Adafactor):
         eps1, eps2 = g["eps"]
         if eps1 is None:
             eps1 = torch.finfo(it.param.dtype).eps
-        rms = math.sqrt(float(total[0])) / math.sqrt(it.numel)
-        it.scratch["alpha"] = max(eps2, rms) * it.scratch["rho"]
+        rms = total[0].double().sqrt() / math.sqrt(it.numel)  # a device tensor: no sync
+        it.scratch["alpha"] = rms.clamp_(min=eps2) * it.scratch["rho"]
         if g["weight_decay"] != 0:
             it.param.mul_(1 - float(g["lr"]) * g["weight_decay"])
         if len(it.shape) > 1:
