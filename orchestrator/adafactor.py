@@ -119,14 +119,9 @@ class Adafactor(torch.optim.Adafactor):
             lr, d, wd = float(group["lr"]), group["d"], group["weight_decay"]
             eps1, eps2 = group["eps"]
             grads = [p.grad for p in params]
-            states = []
-            for p in params:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                    st.update(_zero_state(p, sharded=False))
+            states = [_init_state(self.state[p], p, sharded=False) for p in params]
+            for st in states:
                 st["step"] += 1  # a CPU tensor, as torch keeps it: reading it costs no sync
-                states.append(st)
             steps = [float(st["step"]) for st in states]
             p_norms = torch._foreach_norm(params)  # before weight decay, as torch
             if wd != 0:
@@ -163,10 +158,7 @@ class Adafactor(torch.optim.Adafactor):
             raise NotImplementedError("Adafactor on sharded parameters: no maximize, no complex")
         cls = _dtensor_cls()
         sharded = cls is not None and isinstance(p, cls)
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            state.update(_zero_state(p, sharded))
+        state = _init_state(self.state[p], p, sharded)
         item = _Item(_local(p), _local(p.grad), state, group, tuple(p.shape), p.numel(), sharded)
         if sharded and len(item.shape) > 1:  # the factors split exactly like the parameter
             assert _local(state["row_var"]).shape[0] == item.param.shape[0]
@@ -259,6 +251,14 @@ def _mesh_group(params: Iterable[Tensor]) -> Any:
     if len(meshes) != 1:
         raise NotImplementedError("Adafactor: every sharded parameter must use one mesh")
     return meshes[0].get_group()
+
+
+def _init_state(state: dict[str, Any], p: Tensor, sharded: bool) -> dict[str, Any]:
+    """Fill an empty state with torch's initial one (a CPU step counter); return it."""
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        state.update(_zero_state(p, sharded))
+    return state
 
 
 def _zero_state(p: Tensor, sharded: bool) -> dict[str, Tensor]:
