@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tips_model.objectives.base import ModelConfig
+from tips_model.vision import INPUT_NORMS
 
 logger = logging.getLogger(__name__)
 _OBJECTIVE_CONFIGS: dict[str, type] | None = None
@@ -133,6 +134,10 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 autocast on GPU | fp32 (CPU always runs fp32)
     seed: int = 0
     log_every_steps: int = 10  # progress line, TensorBoard, metrics.jsonl (rank 0)
+    # Logging intervals in a row with collapsed self-distillation targets (near-uniform or
+    # near-one-hot, after the warm-ups) before a warning line; 0 = no check
+    # (orchestrator/metrics.py CollapseMonitor).
+    collapse_patience: int = 2
     # Ray's controller takes one report per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and
     # a report blocks until the previous one was taken: metrics-only reports are sent at most
     # this often (checkpoints, evaluations and the last step always are). 0 = every log step.
@@ -201,6 +206,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "scaling.strategy": ("ddp", "fsdp", "none"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "model.tokenizer": ("bpe", "sentencepiece"),
+    "model.input_norm": tuple(INPUT_NORMS),
 }
 
 

@@ -72,6 +72,9 @@ def progress_line(metrics: dict[str, Any], total_steps: int) -> str:
     for k in sorted(metrics):
         if k.startswith("loss/") and k != "loss/total":
             parts.append(f"{k[5:]} {metrics[k]:.4f}")
+    for term in ("dino", "ibot"):  # teacher target entropy (log K = uniform = collapse)
+        if f"metric/{term}/entropy" in metrics:
+            parts.append(f"{term} target H {metrics[f'metric/{term}/entropy']:.2f}")
     parts.append(f"lr {metrics.get('sched/lr', 0):.2e}")
     parts.append(f"{metrics.get('perf/samples_per_s', 0):.1f} samples/s")
     parts.append(f"data wait {100 * metrics.get('perf/data_wait_frac', 0):.0f}%")
@@ -116,6 +119,8 @@ class MetricsHistory:
         if self.path is None:
             return
         row = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if isinstance(metrics.get("warning"), str):
+            row["warning"] = metrics["warning"]
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
@@ -132,3 +137,128 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
             row = json.loads(line)
             rows[int(row.get("train/step", len(rows)))] = row
     return [rows[k] for k in sorted(rows)]
+
+
+class CollapseMonitor:
+    """Watches the self-distillation targets and warns when they collapse (one line).
+
+    Reads the objective's ``metric/<term>/entropy`` (mean per-row entropy of the teacher
+    targets) and ``metric/<term>/mean_entropy`` (entropy of the batch-mean target) for the
+    terms ``dino`` and ``ibot`` (``tips_model.losses.target_stats``), averaged over a logging
+    interval. After ``after_step`` (the warm-ups), a term whose targets are
+
+    * near-uniform: entropy >= ``uniform_frac`` * log K (the student is taught nothing), or
+    * near-one-hot on one prototype: mean_entropy <= ``onehot_frac`` * log K (every image
+      gets the same target),
+
+    for ``patience`` intervals in a row gets one warning (again only after it recovered), and
+    every interval sets ``collapse/<term>``: 0 healthy, 1 near-uniform, 2 near-one-hot.
+    Objectives without these metrics (CLOC, MUG, alpha = beta = 0) are left alone.
+    """
+
+    TERMS = ("dino", "ibot")
+    UNIFORM, ONE_HOT = 1, 2
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        after_step: int,
+        patience: int = 2,
+        uniform_frac: float = 0.95,
+        onehot_frac: float = 0.1,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        import math
+
+        self.log_k = math.log(max(num_prototypes, 2))
+        self.after_step = after_step
+        self.patience = max(1, patience)
+        self.uniform_frac, self.onehot_frac = uniform_frac, onehot_frac
+        self.settings = settings or {}
+        self._streak: dict[str, int] = defaultdict(int)
+        self._last: dict[str, int] = {}
+        self._warned: dict[str, int] = {}
+
+    def _state(self, metrics: dict[str, Any], term: str) -> int | None:
+        ent = metrics.get(f"metric/{term}/entropy")
+        mean_ent = metrics.get(f"metric/{term}/mean_entropy")
+        if ent is None or mean_ent is None:
+            return None
+        if ent >= self.uniform_frac * self.log_k:
+            return self.UNIFORM
+        if mean_ent <= self.onehot_frac * self.log_k:
+            return self.ONE_HOT
+        return 0
+
+    def update(self, metrics: dict[str, Any]) -> str | None:
+        """Add ``collapse/<term>`` to ``metrics``; return a warning line or None."""
+        step = int(metrics.get("train/step", 0))
+        lines = []
+        for term in self.TERMS:
+            state = self._state(metrics, term)
+            if state is None:
+                continue
+            metrics[f"collapse/{term}"] = float(state)
+            if step <= self.after_step or state == 0:
+                self._streak[term] = 0
+                self._last.pop(term, None)
+                self._warned.pop(term, None)
+                continue
+            same = self._last.get(term) == state
+            self._streak[term] = self._streak[term] + 1 if same else 1
+            self._last[term] = state
+            if self._streak[term] >= self.patience and self._warned.get(term) != state:
+                self._warned[term] = state
+                lines.append(self._message(term, state, metrics, step))
+        return " ".join(lines) if lines else None
+
+    def _message(self, term: str, state: int, metrics: dict[str, Any], step: int) -> str:
+        s = self.settings
+        ent = metrics[f"metric/{term}/entropy"]
+        mean_ent = metrics[f"metric/{term}/mean_entropy"]
+        spread = metrics.get(f"metric/{term}/logit_spread", float("nan"))
+        name = {"dino": "DINO", "ibot": "iBOT"}[term]
+        if state == self.UNIFORM:
+            return (
+                f"collapse: {name} teacher targets near-uniform at step {step} (entropy "
+                f"{ent:.2f} of log K {self.log_k:.2f}, logit spread {spread:.2f} teacher "
+                f"temperatures); usual causes: unnormalised pixels on a small model "
+                f"(model.input_norm={s.get('input_norm')}), a teacher temperature above the "
+                f"teacher's logit spread (teacher.temp={s.get('teacher_temp')}), an EMA that "
+                f"freezes the teacher early (teacher.momentum_end={s.get('momentum_end')})"
+            )
+        return (
+            f"collapse: {name} teacher targets near-one-hot at step {step} (batch-mean target "
+            f"entropy {mean_ent:.2f} of log K {self.log_k:.2f}: every image gets the same "
+            f"prototype); usual causes: a teacher temperature too low "
+            f"(teacher.temp={s.get('teacher_temp')}), centring too slow "
+            f"(objective.center_momentum={s.get('center_momentum')}), an EMA teacher that "
+            f"follows the student too fast (teacher.momentum_start={s.get('momentum_start')}), "
+            f"a learning rate too high (optim.lr={s.get('lr')})"
+        )
+
+
+def collapse_monitor(cfg: Any) -> CollapseMonitor | None:
+    """The monitor for a run config, or None when the objective has no distillation head."""
+    o = cfg.objective
+    k = getattr(o, "head_out_dim", None)
+    if (
+        cfg.train.collapse_patience <= 0
+        or not k
+        or (getattr(o, "alpha", 0) <= 0 and getattr(o, "beta", 0) <= 0)
+    ):
+        return None
+    t = cfg.teacher
+    return CollapseMonitor(
+        num_prototypes=int(k),
+        after_step=max(int(t.temp_warmup_steps), int(cfg.optim.warmup_steps)),
+        patience=int(cfg.train.collapse_patience),
+        settings={
+            "input_norm": cfg.model.input_norm,
+            "teacher_temp": t.temp,
+            "momentum_start": t.momentum_start,
+            "momentum_end": t.momentum_end,
+            "center_momentum": getattr(o, "center_momentum", None),
+            "lr": cfg.optim.lr,
+        },
+    )

@@ -42,6 +42,7 @@ from orchestrator.metrics import (
     MetricsHistory,
     TensorBoardWriter,
     Throughput,
+    collapse_monitor,
     progress_line,
 )
 from orchestrator.optim import build_optimizer, build_schedules, set_lr
@@ -135,6 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config_yaml = config_lib.to_yaml(cfg)
     tb = TensorBoardWriter(loop_config.get("tensorboard_dir") if rank == 0 else None)
     history = MetricsHistory(loop_config.get("metrics_path") if rank == 0 else None)
+    monitor = collapse_monitor(cfg)
 
     # 3. the loop
     shard = ray.train.get_dataset_shard("train")
@@ -237,6 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if want_ckpt or want_eval or state.step % cfg.train.log_every_steps == 0:
             metrics = _metrics(meter, throughput, state, sched, cfg, world_size)
             metrics["time/first_step_unix"] = first_step_unix
+            warning = monitor.update(metrics) if monitor is not None else None
             # Only rank 0's metrics are kept by Ray; under FSDP every rank runs the towers.
             if want_eval and (rank == 0 or strategy.collective_eval):
                 with strategy.evaluating():
@@ -266,8 +269,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 _configure_worker_logging()
                 logger.info(progress_line(metrics, plan.total_steps))
+                if warning:
+                    logger.warning(warning)
                 tb.write(metrics, state.step)
-                history.write(metrics)
+                history.write({**metrics, "warning": warning} if warning else metrics)
             if preempted:
                 checkpoint_s = max(checkpoint_s, time.monotonic() - t_save)
                 if rank == 0 and not saved_for_preemption:

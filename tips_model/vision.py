@@ -2,7 +2,12 @@
 
 Contract: ``VisionTransformer(images [B,3,H,W] float in [0,1], masks [B,h,w]|[B,N] bool|None)
 -> EncoderOutput(cls_alt [B,D], cls_syn [B,D], patch_tokens [B,N,D])``, all after the final
-LayerNorm. Pixels are NOT mean/std normalised (TIPS_NOTES 1.1: IMAGE_MEAN=0, IMAGE_STD=1).
+LayerNorm. Pixels come in as float in [0, 1]; ``input_norm`` says what the tower does with them
+first, in ``prepare_tokens`` (the one place, so training, periodic evaluation and ``tips eval``
+agree): ``"none"`` (the released TIPS weights' contract, docs/method.md "Input pixels":
+IMAGE_MEAN=0, IMAGE_STD=1) or a named mean/std (``INPUT_NORMS``). The setting is a model config
+field (``model.input_norm``), so a checkpoint's ``config.yaml`` carries it; the mean/std are
+non-persistent buffers and never enter a state dict (released files load strictly).
 
 Layout and semantics follow the authors' PyTorch port (google-deepmind/tips
 ``pytorch/image_encoder.py``; summarised in shared/TIPS_NOTES.md 1.1-1.3 and 9.1):
@@ -38,6 +43,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tips_model.registry import VISION
+
+# Input normalisations by name: (mean, std) per RGB channel of pixels in [0, 1].
+INPUT_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]] | None] = {
+    "none": None,  # raw [0, 1]: released TIPS / TIPSv2 (docs/method.md, "Input pixels")
+    # ImageNet statistics, as DINOv2 trains (dinov2/data/transforms.py)
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # OpenAI CLIP's statistics, as open_clip's OPENAI_DATASET_MEAN/STD (open_clip/constants.py)
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
 
 
 @dataclass
@@ -187,6 +201,8 @@ class VisionTransformer(nn.Module):
         qkv_bias: bias on the qkv projection.
         drop_path_rate: stochastic depth, linearly increasing from 0 to this over blocks.
         ln_eps: LayerNorm epsilon.
+        input_norm: what ``prepare_tokens`` does to the [0, 1] pixels first, a key of
+            ``INPUT_NORMS`` ("none": nothing, the released weights' contract).
     """
 
     def __init__(
@@ -203,8 +219,11 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         ln_eps: float = 1e-6,
+        input_norm: str = "none",
     ) -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {sorted(INPUT_NORMS)}, got {input_norm!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if gelu_approximate not in ("none", "tanh"):
@@ -213,6 +232,12 @@ class VisionTransformer(nn.Module):
         self._embed_dim = embed_dim
         self.grid_size = img_size // patch_size
         self.grad_checkpointing = False
+        self.input_norm = input_norm
+        stats = INPUT_NORMS[input_norm]
+        if stats is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in stats)
+            self.register_buffer("pixel_mean", mean, persistent=False)
+            self.register_buffer("pixel_std", std, persistent=False)
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -287,6 +312,12 @@ class VisionTransformer(nn.Module):
         grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
+    def normalize_pixels(self, images: Tensor) -> Tensor:
+        """[0, 1] pixels -> what the patch embedding sees (``input_norm``; identity for "none")."""
+        if self.input_norm == "none":
+            return images
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
     def prepare_tokens(self, images: Tensor, masks: Tensor | None = None) -> Tensor:
         """Token sequence [B, 2+N, D]: [cls_alt, cls_syn, patches] before the blocks.
 
@@ -295,7 +326,7 @@ class VisionTransformer(nn.Module):
             masks: [B,h,w] or [B,N] bool, True = replace that patch by ``mask_token``.
         """
         gh, gw = self._grid(images)
-        x = self.patch_embed(images)  # [B,N,D]
+        x = self.patch_embed(self.normalize_pixels(images))  # [B,N,D]
         b, n, _ = x.shape
         if masks is not None:
             masks = masks.reshape(masks.shape[0], -1)

@@ -570,3 +570,44 @@ def process_unit(
             int(plan.unit_index[unit]),
             dict(pending),
         )
+
+
+def iter_local_batches(
+    cfg: Any,
+    patch_size: int,
+    required_keys: set[str] | None,
+    batch_size: int,
+    start_sample: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The training stream without Ray, in this process: the same records, order, crops,
+    masks, captions and tokens as the ordered Ray stream (``preserve_order``), cut into
+    batches of ``batch_size`` rows (the last partial batch of the stream is never reached:
+    epochs follow each other without end). For tests, probes and benchmarks on one core.
+
+    Yields:
+        Batch-contract dicts of numpy arrays (plus ``sample_index``, ``epoch`` and the
+        ``STAT_COLUMNS``), as ``iter_torch_batches`` would give them before the tensor cast.
+    """
+    plan = plan_stream(cfg)
+    settings = record_settings(cfg, patch_size, required_keys)
+    proc = record_processor(settings)
+    columns = ["key", "alt_text", "captions"] + (["image"] if proc.decode else [])
+    columns += ["regions"] if "regions" in settings.keys else []
+    plan = plan.with_range(start_sample, np.iinfo(np.int64).max)
+    pending: list[dict[str, np.ndarray]] = []
+    rows = 0
+    g = plan.unit_at(start_sample)
+    while True:
+        epoch, k = divmod(g, plan.num_units)
+        order, offsets = plan.order(epoch)
+        base = epoch * plan.epoch_rows + int(offsets[k])
+        for part in process_unit(proc, plan, int(order[k]), epoch, base, columns):
+            pending.append(part)
+            rows += len(part["sample_index"])
+            while rows >= batch_size:
+                merged = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+                yield {c: v[:batch_size] for c, v in merged.items()}
+                rest = {c: v[batch_size:] for c, v in merged.items()}
+                rows -= batch_size
+                pending = [rest] if rows else []
+        g += 1

@@ -140,3 +140,14 @@ def test_distillation_without_student_crops_is_refused():
         load(TINY, [*DATA, "augment.num_local_crops=0"])
     cfg = load(TINY, [*DATA, "augment.num_local_crops=0", "objective.alpha=0"])
     assert cfg.augment.num_local_crops == 0
+
+
+def test_input_norm_is_validated_and_paper_recipes_state_it():
+    with pytest.raises(ConfigError, match="model.input_norm"):
+        config_lib.load(RECIPES / "tiny_cpu.yaml", ["data.train_uri=/x", "model.input_norm=foo"])
+    for recipe in sorted(RECIPES.glob("*.yaml")):  # itself or the recipe it extends
+        layers = config_lib._recipe_layers(recipe)
+        stated = [src for src, layer in layers if "input_norm" in layer.get("model", {})]
+        assert stated, f"{recipe.name} does not state its input normalisation"
+    b14 = load(RECIPES / "tips_b14.yaml", ["data.train_uri=/x", "model.tokenizer_path=/t.model"])
+    assert b14.model.input_norm == "none"

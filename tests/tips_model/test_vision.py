@@ -184,3 +184,29 @@ def test_value_only_last_differs_only_in_last_block():
     x = m.blocks[0](m.prepare_tokens(images))
     manual = m.norm(m.blocks[1](x, value_only=True))[:, 2:]
     torch.testing.assert_close(m.forward_value_only_last(images), manual, atol=0, rtol=0)
+
+
+def test_input_norm_is_applied_once_in_prepare_tokens_and_never_stored():
+    raw, norm = _model(), _model(input_norm="imagenet")
+    norm.load_state_dict(raw.state_dict())  # strict: the mean/std buffers are not state
+    assert set(norm.state_dict()) == set(raw.state_dict())
+    x = _images()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = raw((x - mean) / std)
+    got = norm(x)
+    torch.testing.assert_close(got.cls_alt, want.cls_alt, **TOL)
+    torch.testing.assert_close(got.patch_tokens, want.patch_tokens, **TOL)
+    # the dense helpers go through the same place
+    torch.testing.assert_close(
+        norm.forward_value_only_last(x), raw.forward_value_only_last((x - mean) / std), **TOL
+    )
+    torch.testing.assert_close(
+        norm.get_intermediate_layers(x, [0])[0],
+        raw.get_intermediate_layers((x - mean) / std, [0])[0],
+        **TOL,
+    )
+    # "none" (the released weights' contract) leaves the pixels alone
+    assert raw.normalize_pixels(x) is x
+    with pytest.raises(ValueError, match="input_norm"):
+        _model(input_norm="imagenette")

@@ -35,6 +35,7 @@ __all__ = [
     "soft_cross_entropy",
     "distributed_mean",
     "ema_",
+    "target_stats",
 ]
 
 
@@ -155,3 +156,34 @@ def ema_(center: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
         momentum: Centre momentum in [0, 1] (DINOv2: 0.9).
     """
     center.mul_(momentum).add_(value.to(center.dtype).reshape(center.shape), alpha=1 - momentum)
+
+
+@torch.no_grad()
+def target_stats(
+    teacher_probs: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float
+) -> dict[str, torch.Tensor]:
+    """Collapse diagnostics of one batch of teacher targets (this rank's rows; no host read).
+
+    Args:
+        teacher_probs: ``[n, K]`` centred teacher distributions (rows sum to 1).
+        teacher_logits: ``[n, K]`` the teacher head's raw logits they came from.
+        teacher_temp: the temperature the targets were made with.
+
+    Returns:
+        ``entropy``: mean per-row entropy (nats); ``log K`` = uniform targets (collapse),
+        near 0 = one-hot targets.
+        ``mean_entropy``: entropy of the batch-mean target; near 0 = every row picks the
+        same prototype (collapse), high with a low ``entropy`` = sharp and diverse (healthy).
+        ``logit_spread``: std across rows of the logits, averaged over prototypes, in units
+        of the teacher temperature; << 1 = the teacher barely tells images apart, so
+        centring flattens the targets (the small-scale collapse, docs/method.md).
+    """
+    p = teacher_probs.float().flatten(0, -2)
+    logp = p.clamp_min(1e-12).log()
+    mean = p.mean(dim=0)
+    spread = teacher_logits.float().flatten(0, -2).std(dim=0, correction=0).mean()
+    return {
+        "entropy": -(p * logp).sum(-1).mean(),
+        "mean_entropy": -(mean * mean.clamp_min(1e-12).log()).sum(),
+        "logit_spread": spread / teacher_temp,
+    }

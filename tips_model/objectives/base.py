@@ -41,6 +41,29 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute blocks in backward to save activation memory
     temperature_init: float = 0.07  # CLIP's initial temperature [open]; released ends ~0.005 (1.5)
     learn_temperature: bool = True  # TIPS_NOTES 1.5: a learned scalar, divided by
+    # What the vision tower does to [0, 1] pixels (tips_model.vision.INPUT_NORMS): "none" is
+    # the released TIPS contract (docs/method.md "Input pixels"); "imagenet" is DINOv2's and
+    # what the tiny recipes need for self-distillation to learn (docs/method.md, section
+    # "Self-distillation at small scale"). Stored in the checkpoint's config.yaml.
+    input_norm: str = "none"
+
+
+def build_vision_tower(model_cfg: ModelConfig) -> nn.Module:
+    """The vision tower a model config asks for (every objective builds it here)."""
+    from tips_model.vision import build_vision
+
+    overrides: dict = {
+        "drop_path_rate": model_cfg.drop_path_rate,
+        "input_norm": model_cfg.input_norm,
+    }
+    if model_cfg.img_size is not None:
+        overrides["img_size"] = model_cfg.img_size
+    if model_cfg.layerscale_init is not None:
+        overrides["layerscale_init"] = model_cfg.layerscale_init
+    vision = build_vision(model_cfg.vision, **overrides)
+    if model_cfg.grad_checkpointing:
+        vision.set_grad_checkpointing(True)
+    return vision
 
 
 @dataclass(frozen=True)
@@ -128,7 +151,7 @@ class Objective(nn.Module):
 
 
 def images_to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 in [0, 1] (TIPS: unnormalised pixels, TIPS_NOTES 1.1)."""
+    """uint8 [..., 3, H, W] -> float32 in [0, 1]; the vision tower applies ``input_norm``."""
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
     return x.float()

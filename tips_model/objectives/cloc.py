@@ -52,13 +52,14 @@ from tips_model.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
+    build_vision_tower,
     images_to_float,
 )
 from tips_model.objectives.cloc_config import ClocObjectiveConfig
 from tips_model.objectives.tips import Temperature
 from tips_model.registry import OBJECTIVES
 from tips_model.text import build_text
-from tips_model.vision import EncoderOutput, build_vision
+from tips_model.vision import EncoderOutput
 
 REGION_KEYS = ("regions", "region_ids", "region_valid")
 
@@ -157,12 +158,7 @@ class ClocStudent(nn.Module):
     def __init__(self, cfg: ClocObjectiveConfig, model_cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        overrides: dict = {"drop_path_rate": model_cfg.drop_path_rate}
-        if model_cfg.img_size is not None:
-            overrides["img_size"] = model_cfg.img_size
-        if model_cfg.layerscale_init is not None:
-            overrides["layerscale_init"] = model_cfg.layerscale_init
-        self.vision = build_vision(model_cfg.vision, **overrides)
+        self.vision = build_vision_tower(model_cfg)
         self.vision.mask_token.requires_grad_(False)  # never used without iBOT masking
         self.text = build_text(
             model_cfg.text, vocab_size=vocab_size, max_len=model_cfg.max_text_len
@@ -175,7 +171,6 @@ class ClocStudent(nn.Module):
                 f"{model_cfg.vision} has {d}: the towers share one embedding space"
             )
         if model_cfg.grad_checkpointing:
-            self.vision.set_grad_checkpointing(True)
             self.text.set_grad_checkpointing(True)
         self.temperature = Temperature(model_cfg.temperature_init, model_cfg.learn_temperature)
         self.region_temperature = (

@@ -49,12 +49,12 @@ from tips_model.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
+    build_vision_tower,
     images_to_float,
 )
 from tips_model.objectives.mug_config import MugObjectiveConfig
 from tips_model.registry import OBJECTIVES
 from tips_model.text import PAD_ID
-from tips_model.vision import build_vision
 
 
 class PixelDecoder(nn.Module):
@@ -172,17 +172,10 @@ class MugStudent(nn.Module):
 
     def __init__(self, cfg: MugObjectiveConfig, model_cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
-        overrides: dict = {"drop_path_rate": model_cfg.drop_path_rate}
-        if model_cfg.img_size is not None:
-            overrides["img_size"] = model_cfg.img_size
-        if model_cfg.layerscale_init is not None:
-            overrides["layerscale_init"] = model_cfg.layerscale_init
-        self.vision = build_vision(model_cfg.vision, **overrides)
+        self.vision = build_vision_tower(model_cfg)
         # Token dropping never substitutes mask tokens: freeze it so DDP never waits on it.
         self.vision.mask_token.requires_grad_(False)
         self.text = None  # MUG has no text encoder: only vision tasks can evaluate it
-        if model_cfg.grad_checkpointing:
-            self.vision.set_grad_checkpointing(True)
         d = self.vision.embed_dim
         self.pixel_decoder = (
             PixelDecoder(

@@ -29,18 +29,26 @@ from torch import nn
 
 from tips_model.ema import ema_update_, make_teacher
 from tips_model.heads import DINOHead
-from tips_model.losses import DINOLoss, IBOTPatchLoss, contrastive_loss, koleo_loss
+from tips_model.losses import (
+    DINOLoss,
+    IBOTPatchLoss,
+    contrastive_loss,
+    koleo_loss,
+    soft_cross_entropy,
+    target_stats,
+)
 from tips_model.objectives.base import (
     ModelConfig,
     Objective,
     ObjectiveOutput,
     StepState,
+    build_vision_tower,
     images_to_float,
 )
 from tips_model.objectives.tips_config import TipsObjectiveConfig, TipsV2ObjectiveConfig
 from tips_model.registry import OBJECTIVES
 from tips_model.text import build_text
-from tips_model.vision import EncoderOutput, build_vision
+from tips_model.vision import EncoderOutput
 
 
 class Temperature(nn.Module):
@@ -71,12 +79,7 @@ class TipsStudent(nn.Module):
     def __init__(self, cfg: TipsObjectiveConfig, model_cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        overrides: dict = {"drop_path_rate": model_cfg.drop_path_rate}
-        if model_cfg.img_size is not None:
-            overrides["img_size"] = model_cfg.img_size
-        if model_cfg.layerscale_init is not None:
-            overrides["layerscale_init"] = model_cfg.layerscale_init
-        self.vision = build_vision(model_cfg.vision, **overrides)
+        self.vision = build_vision_tower(model_cfg)
         self.text = build_text(
             model_cfg.text, vocab_size=vocab_size, max_len=model_cfg.max_text_len
         )
@@ -87,8 +90,6 @@ class TipsStudent(nn.Module):
                 f"model.text={model_cfg.text} has width {text_width} but model.vision="
                 f"{model_cfg.vision} has {d}: TIPS has no projection head (TIPS_NOTES 1.1)"
             )
-        if model_cfg.grad_checkpointing:
-            self.vision.set_grad_checkpointing(True)
         self.temperature = Temperature(model_cfg.temperature_init, model_cfg.learn_temperature)
         head_kw = dict(
             in_dim=d,
@@ -200,8 +201,9 @@ class TipsObjective(Objective):
     # ------------------------------------------------------------------ forward
     def _teacher_targets(
         self, global_imgs: torch.Tensor, temp: float, masks: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Teacher probabilities on the unmasked global crops: CLS [B*G,K]; patches
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Teacher probabilities on the unmasked global crops, and their collapse diagnostics
+        (``dino/*``, ``ibot/*``: ``tips_model.losses.target_stats``). CLS [B*G,K]; patches
         [n_masked,K] rows ``x[masks]`` for iBOT (``mim_tokens="masked"``: the head, the
         centring and the centre update see only the tokens that are distilled, as in DINOv2)
         or [B*G,N,K] for iBOT++ (every token is distilled)."""
@@ -210,11 +212,14 @@ class TipsObjective(Objective):
             backbone = self.teacher["vision"] if cfg.teacher == "full_ema" else self.student.vision
             out = backbone(global_imgs)
             cls = out.cls_alt if cfg.dino_cls == "alt" else out.cls_syn
-            cls_logits = cls_probs = patch_probs = None
+            cls_probs = patch_probs = None
+            stats: dict[str, torch.Tensor] = {}
             if cfg.alpha > 0:
                 cls_logits = self.teacher["dino_head"](cls).float()
                 cls_probs = self._center(self.dino_loss, cls_logits, temp)
                 self.dino_loss.update_center(cls_logits)
+                for k, v in target_stats(cls_probs, cls_logits, temp).items():
+                    stats[f"dino/{k}"] = v
             if cfg.beta > 0:
                 head = self.teacher["ibot_head" if "ibot_head" in self.teacher else "dino_head"]
                 tokens = out.patch_tokens  # [B*G,N,D]
@@ -224,7 +229,10 @@ class TipsObjective(Objective):
                 patch_logits = head(tokens).float()
                 patch_probs = self._center(self.ibot_loss, patch_logits, temp)
                 self.ibot_loss.update_center(patch_logits)
-        return cls_logits, cls_probs, patch_probs
+                if patch_logits.numel():
+                    for k, v in target_stats(patch_probs, patch_logits, temp).items():
+                        stats[f"ibot/{k}"] = v
+        return cls_probs, patch_probs, stats
 
     def _center(self, loss: nn.Module, logits: torch.Tensor, temp: float) -> torch.Tensor:
         if self.cfg.centering == "sinkhorn":
@@ -246,7 +254,9 @@ class TipsObjective(Objective):
         if cfg.alpha > 0 and batch["local_crops"].shape[1] > 0:
             local_imgs = images_to_float(batch["local_crops"].flatten(0, 1))  # [B*M,3,h,w]
         # 2. teacher targets on the unmasked global crops
-        _, cls_probs, patch_probs = self._teacher_targets(global_imgs, step.teacher_temp, masks)
+        cls_probs, patch_probs, target_metrics = self._teacher_targets(
+            global_imgs, step.teacher_temp, masks
+        )
         # 3. student
         s = self._runner[0](global_imgs, masks, local_imgs, batch["alt_ids"], batch["syn_ids"], g)
         # 4. contrastive, dual CLS
@@ -281,13 +291,19 @@ class TipsObjective(Objective):
             else:
                 s_patch = student.patch_head()(s.glob.patch_tokens[masks])  # [n_masked,K]
                 losses["ibot"] = self.ibot_loss.forward_masked(s_patch, patch_probs, masks)
+            # The loss is a mean over images, counting images without masked tokens as 0
+            # (DINOv2); the mean over the distilled tokens is what compares with log K.
+            with torch.no_grad():
+                ce = soft_cross_entropy(s_patch.detach(), patch_probs, cfg.student_temp)
+                token_metrics = {"ibot/token_loss": ce.mean() if ce.numel() else ce.sum()}
             total = total + cfg.beta * losses["ibot"]
         if cfg.koleo_weight > 0:
             losses["koleo"] = koleo_loss(s.contrastive.cls_alt.float())
             total = total + cfg.koleo_weight * losses["koleo"]
-        return ObjectiveOutput(
-            loss=total, losses=losses, metrics=self._metrics(s, cls_probs, masks)
-        )
+        metrics = {**self._metrics(s, masks), **target_metrics}
+        if cfg.beta > 0 and patch_probs is not None:
+            metrics.update(token_metrics)
+        return ObjectiveOutput(loss=total, losses=losses, metrics=metrics)
 
     def _dino(
         self,
@@ -320,17 +336,12 @@ class TipsObjective(Objective):
         return (torch.stack(terms) * w).sum() / w.sum()  # mean over all (student, teacher) pairs
 
     @torch.no_grad()
-    def _metrics(
-        self, s: StudentOutput, cls_probs: torch.Tensor | None, masks: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
+    def _metrics(self, s: StudentOutput, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
         m: dict[str, torch.Tensor] = {"temperature": s.temperature.detach().float()}
         img = F.normalize(s.contrastive.cls_alt.float(), dim=-1)
         txt = F.normalize(s.txt_alt.float(), dim=-1)
         labels = torch.arange(img.shape[0], device=img.device)
         m["contrastive_alt_acc"] = ((img @ txt.T).argmax(-1) == labels).float().mean()
-        if cls_probs is not None:
-            ent = -(cls_probs * cls_probs.clamp_min(1e-12).log()).sum(-1).mean()
-            m["teacher_entropy"] = ent
         if masks is not None:
             m["mask_ratio"] = masks.float().mean()
         return m

@@ -162,3 +162,21 @@ def test_checkpoint_and_synthetic_split_from_s3(run_dir, s3_bucket):
     write_synthetic(f"{s3_bucket}/synth", n=4, n_eval=4, seed=0)
     ds = open_dataset(f"{s3_bucket}/synth/eval", "depth")
     assert ds.name == "synthetic" and len(ds.split("val")) == 2
+
+
+def test_checkpoint_carries_the_input_normalisation_into_eval(run_dir, tmp_path):
+    """tiny_cpu trains with ImageNet mean/std; its checkpoint's config.yaml says so and the
+    evaluated tower applies it; the same weights under a config without it do not."""
+    ckpt = run_dir / "tiny_cpu" / "checkpoint_00000010"
+    enc = load_encoders(str(ckpt))
+    assert enc.vision.input_norm == "imagenet"
+    other = tmp_path / "checkpoint_00000010"
+    shutil.copytree(ckpt, other)
+    cfg = config_lib.load(TINY, ["data.train_uri=/unused", "model.input_norm=none"])
+    (other / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    raw = load_encoders(str(other))
+    assert raw.vision.input_norm == "none"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = enc.vision(x).cls_alt, raw.vision(x).cls_alt
+    assert not torch.allclose(a, b, atol=1e-3)
