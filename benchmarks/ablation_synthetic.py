@@ -8,8 +8,8 @@ For every seed s (0..K-1) it writes a synthetic set with data seed s and trains 
 model (vit_test + text_test) with train seed s, the same steps and batch in every arm,
 changing only the objective:
 
-* ``clip``   - ``tiny_cpu.yaml`` with ``objective.alpha=0 objective.beta=0``: the dual-CLS
-  contrastive terms only (CLIP-like);
+* ``clip``   - ``tiny_cpu.yaml`` with ``objective.alpha=0 objective.beta=0`` and
+  ``objective.koleo_weight=0``: the dual-CLS contrastive terms only (CLIP-like);
 * ``tips``   - ``tiny_cpu.yaml``: contrastive + DINO self-distillation + iBOT MIM
   (TIPS_NOTES 3.1);
 * ``tipsv2`` - ``tiny_cpu.yaml`` with ``objective.name=tipsv2``: iBOT++ on all patch tokens,
@@ -43,7 +43,15 @@ from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ARMS: dict[str, tuple[str, list[str]]] = {  # arm -> (recipe, overrides)
-    "clip": ("tiny_cpu.yaml", ["objective.name=tips", "objective.alpha=0", "objective.beta=0"]),
+    "clip": (
+        "tiny_cpu.yaml",
+        [
+            "objective.name=tips",
+            "objective.alpha=0",
+            "objective.beta=0",
+            "objective.koleo_weight=0",
+        ],
+    ),
     "tips": ("tiny_cpu.yaml", ["objective.name=tips"]),
     "tipsv2": ("tiny_cpu.yaml", ["objective.name=tipsv2"]),
     "cloc": ("cloc_tiny.yaml", []),
