@@ -82,10 +82,20 @@ def main_train(argv: list[str]) -> int:
                 f"{k[5:]} {v:.2f}" for k, v in sorted(last.items()) if k.startswith("eval/")
             )
             print(f"tips train: eval at step {int(last['train/step'])}: {shown}")
+        warned = [r for r in rows if isinstance(r.get("warning"), str)]
+        for r in warned:
+            print(f"tips train: warning at step {int(r['train/step'])}: {r['warning']}")
         print(f"tips train: metrics history: {path}")
     if result.checkpoint is not None:
         print(f"tips train: final checkpoint: {result.checkpoint.path}")
     return 0
+
+
+DIAGNOSTICS = {
+    "metric/ibot/token_loss": "ibot per token",
+    "metric/dino/entropy": "dino target H",
+    "metric/ibot/entropy": "ibot target H",
+}
 
 
 def loss_curve_table(rows: list[dict[str, float]], max_rows: int = 11) -> str:
@@ -94,7 +104,10 @@ def loss_curve_table(rows: list[dict[str, float]], max_rows: int = 11) -> str:
         return "tips train: no metrics were reported"
     keep = sorted({round(i * (len(rows) - 1) / max(1, max_rows - 1)) for i in range(max_rows)})
     terms = sorted(k for k in rows[-1] if k.startswith("loss/"))
-    header = ["step", *(t[5:] for t in terms), "samples/s"]
+    # the per-token iBOT loss and the teacher target entropies (log K = collapsed to uniform)
+    extra = [k for k in DIAGNOSTICS if k in rows[-1]]
+    terms += extra
+    header = ["step", *(DIAGNOSTICS.get(t, t[5:]) for t in terms), "samples/s"]
     lines = [" | ".join(f"{h:>15}" for h in header)]
     for i in keep:
         r = rows[i]

@@ -142,3 +142,24 @@ if __name__ == "__main__":  # print PINNED for this tree
     for step in run.losses:
         print("    (" + ", ".join(f"{step[t]:.6f}" for t in TERMS) + "),")
     print("]")
+
+
+def test_tips_train_summary_shows_target_entropies_and_warnings(tmp_path):
+    from orchestrator.__main__ import loss_curve_table
+    from orchestrator.metrics import MetricsHistory, read_history
+
+    history = MetricsHistory(str(tmp_path / "metrics.jsonl"))
+    for step in (10, 20):
+        row = {
+            "train/step": step,
+            "loss/total": 1.0,
+            "loss/dino": 5.5,
+            "metric/dino/entropy": 5.54,
+            "metric/ibot/token_loss": 3.0,
+        }
+        history.write({**row, "warning": "collapse: DINO ..."} if step == 20 else row)
+    rows = read_history(tmp_path / "metrics.jsonl")
+    assert rows[-1]["warning"] == "collapse: DINO ..." and "warning" not in rows[0]
+    table = loss_curve_table(rows)
+    assert "dino target H" in table.splitlines()[0] and "ibot per token" in table
+    assert "5.5400" in table
