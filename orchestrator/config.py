@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,12 +308,31 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
         raise ConfigError(f"overrides must be key=value, got: {bad}")
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides: {e}") from None
+    except Exception as e:  # OmegaConf errors and yaml's parser errors ("key=[1")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        bad_key = next((o for o in overrides if _parses(o) is False), None)
+        where = f" in {bad_key!r}" if bad_key else ""
+        raise ConfigError(f"overrides: cannot parse{where}: {first}") from None
     layers.append(("overrides", dotlist))
     cfg = _merge(layers)
-    validate(cfg, source=str(recipe) if recipe else "overrides")
+    source = str(layers[-2][0]) if recipe else "overrides"
+    try:
+        validate(cfg, source=source)
+    except ConfigError as e:  # name the layer that set the offending key, not just the recipe
+        detail = getattr(e, "detail", None)
+        match = _KEY_RE.match(detail or "")
+        if not match:
+            raise
+        raise ConfigError(f"{_origin(layers, match.group(1), source)}: {detail}") from None
     return cfg
+
+
+def _parses(override: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([override])
+    except Exception:  # noqa: BLE001 (any parse failure)
+        return False
+    return True
 
 
 def from_dict(d: dict[str, Any]) -> Any:
@@ -354,6 +374,19 @@ def patch_size(model: ModelConfig) -> int:
         return int(build_vision(model.vision).patch_size)
 
 
+def tower_widths(model: ModelConfig) -> tuple[int, int]:
+    """(vision width, text width) of the configured towers, built on the meta device."""
+    import torch
+
+    from tips_model.text import build_text
+    from tips_model.vision import build_vision
+
+    with torch.device("meta"):
+        vision = build_vision(model.vision)
+        text = build_text(model.text, vocab_size=8, max_len=max(2, model.max_text_len))
+    return int(vision.embed_dim), int(text.token_embedding.weight.shape[1])
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     obj = cfg
     for part in dotted.split("."):
@@ -363,7 +396,21 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def _require(ok: bool, where: str, msg: str) -> None:
     if not ok:
-        raise ConfigError(f"{where}: {msg}")
+        err = ConfigError(f"{where}: {msg}")
+        err.detail = msg
+        raise err
+
+
+_KEY_RE = re.compile(r"^([a-z_]+(?:\.[a-z_0-9]+)+)")
+
+
+def _origin(layers: list[tuple[str, DictConfig]], key: str, default: str) -> str:
+    """The layer ("overrides" or a recipe file) that last set ``key``; else ``default``."""
+    missing = object()
+    for source, layer in reversed(layers):
+        if OmegaConf.select(layer, key, default=missing) is not missing:
+            return source
+    return default
 
 
 def validate(cfg: Any, source: str = "config") -> None:
@@ -381,8 +428,29 @@ def validate(cfg: Any, source: str = "config") -> None:
         source,
         "model.tokenizer_path must name the released tokenizer.model for sentencepiece",
     )
+    _require(m.max_text_len >= 2, source, f"model.max_text_len={m.max_text_len} must be >= 2")
+    if cfg.objective.name != "mug":  # MUG has no text tower; the others share one space
+        vw, tw = tower_widths(m)
+        _require(
+            vw == tw,
+            source,
+            f"model.vision={m.vision} (width {vw}) and model.text={m.text} (width {tw}) must "
+            "have the same width: the image and text embeddings share one space, with no "
+            "projection head (docs/method.md)",
+        )
     p = patch_size(m)
     a = cfg.augment
+    _require(
+        a.global_crop_size >= p,
+        source,
+        f"augment.global_crop_size={a.global_crop_size} must be at least the patch size {p}",
+    )
+    if a.num_local_crops:
+        _require(
+            a.local_crop_size >= p,
+            source,
+            f"augment.local_crop_size={a.local_crop_size} must be at least the patch size {p}",
+        )
     _require(a.num_global_crops >= 1, source, "augment.num_global_crops must be >= 1")
     _require(a.num_local_crops >= 0, source, "augment.num_local_crops must be >= 0")
     _require(
@@ -456,7 +524,20 @@ def validate(cfg: Any, source: str = "config") -> None:
         f"train.global_batch_size={t.global_batch_size} is smaller than "
         f"scaling.max_workers={s.max_workers}",
     )
+    o = cfg.optim
+    _require(o.lr > 0, source, f"optim.lr={o.lr} must be > 0")
+    _require(o.final_lr >= 0, source, f"optim.final_lr={o.final_lr} must be >= 0")
+    _require(o.warmup_steps >= 0, source, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     tc = cfg.teacher
+    for key in ("temp", "temp_warmup_start"):
+        value = getattr(tc, key)
+        _require(value > 0, source, f"teacher.{key}={value} must be > 0")
+    _require(
+        cfg.run.num_checkpoints_to_keep >= 1,
+        source,
+        f"run.num_checkpoints_to_keep={cfg.run.num_checkpoints_to_keep} must be >= 1 (the "
+        "latest checkpoint is what a restart resumes from)",
+    )
     _require(
         0 <= tc.momentum_start <= 1 and 0 <= tc.momentum_end <= 1,
         source,

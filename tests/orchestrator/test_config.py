@@ -151,3 +151,35 @@ def test_input_norm_is_validated_and_paper_recipes_state_it():
         assert stated, f"{recipe.name} does not state its input normalisation"
     b14 = load(RECIPES / "tips_b14.yaml", ["data.train_uri=/x", "model.tokenizer_path=/t.model"])
     assert b14.model.input_norm == "none"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("augment.global_crop_size=0", "augment.global_crop_size"),
+        ("augment.local_crop_size=0", "augment.local_crop_size"),
+        ("run.num_checkpoints_to_keep=0", "run.num_checkpoints_to_keep"),
+        ("teacher.temp=0", "teacher.temp"),
+        ("teacher.temp=-1", "teacher.temp"),
+        ("teacher.temp_warmup_start=0", "teacher.temp_warmup_start"),
+        ("model.max_text_len=0", "model.max_text_len"),
+        ("model.vision=vit_s14", "model.vision=vit_s14 (width 384)"),
+        ("train.total_steps=[1", "'train.total_steps=[1'"),
+    ],
+)
+def test_values_that_used_to_fail_inside_ray_are_refused_naming_the_override(override, key):
+    """Issue 17: each of these passed --dry-run and then failed deep inside Ray."""
+    with pytest.raises(ConfigError) as info:
+        load(RECIPES / "tiny_cpu.yaml", ["data.train_uri=/x", override])
+    msg = str(info.value)
+    assert msg.startswith("overrides:"), msg  # the override, not the recipe file, set it
+    assert key in msg and "\n" not in msg
+
+
+def test_a_bad_value_in_a_recipe_names_that_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {RECIPES / 'tiny_cpu.yaml'}\noptim:\n  lr: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: optim.lr=0.0 must be > 0$"):
+        load(bad, ["data.train_uri=/x"])
