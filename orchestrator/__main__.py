@@ -64,10 +64,14 @@ def main_train(argv: list[str]) -> int:
         print(config_lib.to_yaml(cfg), end="")
         return 0
     from orchestrator.metrics import read_history
-    from orchestrator.trainer import absolutize, fit, metrics_path
+    from orchestrator.trainer import PreflightError, absolutize, fit, metrics_path
 
     cfg = absolutize(cfg)
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except PreflightError as e:
+        print(f"tips train: {e}", file=sys.stderr)
+        return 2
     if result.error is not None:
         print(f"tips train: training failed: {result.error}", file=sys.stderr)
         return 1

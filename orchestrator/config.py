@@ -335,6 +335,12 @@ def _parses(override: str) -> bool:
     return True
 
 
+def parse_yaml_dict(text: str) -> dict[str, Any]:
+    """A saved ``config.yaml`` as a plain dict (no schema: old files may lack new keys)."""
+    loaded = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def from_dict(d: dict[str, Any]) -> Any:
     """Rebuild (and re-validate) a config from ``to_dict`` output, e.g. on a Ray worker."""
     cfg = _merge([("config dict", OmegaConf.create(d))])

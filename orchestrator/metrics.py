@@ -115,6 +115,19 @@ class MetricsHistory:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def drop_after(self, step: int) -> None:
+        """Forget the rows after ``step`` (a resume replays them): one row per step."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and int(json.loads(line).get("train/step", 0)) <= step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(self.path)
+
     def write(self, metrics: dict[str, Any]) -> None:
         if self.path is None:
             return

@@ -72,22 +72,22 @@ def _threads(cfg: Any) -> int:
     return max(1, math.ceil(cpus))
 
 
-def _restore(cfg: Any, objective: torch.nn.Module) -> tuple[TrainState, str | None, dict | None]:
-    """Latest checkpoint of this run first (restart, resize, resubmission), then resume_from.
+def _restore(
+    cfg: Any, objective: torch.nn.Module, run_uri: str
+) -> tuple[TrainState, str | None, dict | None]:
+    """The newest complete and loadable checkpoint of this run on storage (a restart, a
+    resize, a resubmission), else ``run.resume_from``; the driver's data stream starts from
+    the same one (``storage.newest_checkpoint``).
 
     Loads the model (unsharded, before any wrapping) and returns the optimizer state for
     ``Strategy.load_optimizer_state`` once the optimizer exists.
     """
-    checkpoint = ray.train.get_checkpoint()
-    source = "ray.train.get_checkpoint()"
-    if checkpoint is None and cfg.run.resume_from:
-        from orchestrator.storage import checkpoint_from_uri
+    from orchestrator.storage import checkpoint_from_uri, newest_checkpoint
 
-        checkpoint = checkpoint_from_uri(cfg.run.resume_from)
-        source = cfg.run.resume_from
-    if checkpoint is None:
+    source = newest_checkpoint(run_uri, cfg.storage) or cfg.run.resume_from
+    if not source:
         return TrainState(seed=cfg.train.seed), None, None
-    with checkpoint.as_directory() as directory:
+    with checkpoint_from_uri(source, cfg.storage).as_directory() as directory:
         state = restore_checkpoint_dir(directory, objective, None)
         optim_state = read_optimizer_state(directory)
     state.nonfinite_in_a_row = 0
@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
     schedules = build_schedules(cfg)
-    state, source, optim_state = _restore(cfg, objective)
+    state, source, optim_state = _restore(cfg, objective, loop_config["run_uri"])
     strategy = wrap_for_distributed(objective, cfg, device, world_size if distributed else 1)
     optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
     if optim_state is not None:
@@ -137,6 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tb = TensorBoardWriter(loop_config.get("tensorboard_dir") if rank == 0 else None)
     history = MetricsHistory(loop_config.get("metrics_path") if rank == 0 else None)
     monitor = collapse_monitor(cfg)
+    history.drop_after(state.step)  # steps after the checkpoint are trained (and logged) again
 
     # 3. the loop
     shard = ray.train.get_dataset_shard("train")

@@ -100,6 +100,40 @@ def read_train_state(directory: str | Path) -> TrainState:
     return TrainState(**{k: v for k, v in raw.items() if k in known})
 
 
+def check_state_dict_matches(
+    state_dict: dict[str, Any], model: torch.nn.Module, where: str
+) -> None:
+    """One line naming what differs when a checkpoint does not fit the configured model
+    (torch's own error lists every tensor: hundreds of lines for a changed tower).
+
+    Raises:
+        CheckpointError: missing or unexpected keys, or tensors of another shape.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict
+        and hasattr(state_dict[k], "shape")
+        and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensors of another shape (checkpoint vs model: {shapes[0]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    raise CheckpointError(
+        f"{where} does not fit the configured model: {'; '.join(parts)}; the model or "
+        "objective settings changed since it was saved: start a new run.name"
+    )
+
+
 def read_optimizer_state(directory: str | Path) -> dict[str, Any]:
     """``optim.pt``: the unsharded ``optimizer.state_dict()`` of the run that saved it."""
     return load_state_dict(Path(directory) / "optim.pt")
@@ -116,12 +150,8 @@ def restore_checkpoint_dir(
     if missing:
         raise CheckpointError(f"{directory}: incomplete checkpoint, missing {missing}")
     state_dict = load_state_dict(directory / "model.pt")
-    result = objective.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{directory}/model.pt does not match the configured objective: "
-            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
-        )
+    check_state_dict_matches(state_dict, objective, f"{directory}/model.pt")
+    objective.load_state_dict(state_dict, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(load_state_dict(directory / "optim.pt"))
     return read_train_state(directory)

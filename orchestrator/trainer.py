@@ -174,9 +174,93 @@ def build_trainer(
     )
 
 
+class PreflightError(ValueError):
+    """A run that would fail the same way on every attempt, found before Ray starts."""
+
+
+def preflight(cfg: Any, name: str | None = None) -> str | None:
+    """Checks on the driver, before any worker starts; returns the checkpoint to resume.
+
+    * ``run.resume_from``, when this run has no checkpoint yet, must be a complete,
+      loadable checkpoint (``storage.checkpoint_problem``);
+    * the checkpoint a (re)run would resume from must hold tensors of the shapes the
+      configured objective has (its ``config.yaml`` rebuilt on the meta device: settings
+      that keep the shapes, such as loss weights or the learning rate, may change).
+
+    Raises:
+        PreflightError: one line naming the URI and what is wrong.
+    """
+    from orchestrator import storage as st
+
+    run = run_uri(cfg, name)
+    source = st.newest_checkpoint(run, cfg.storage)
+    if source is None and cfg.run.resume_from:
+        source = cfg.run.resume_from
+        if not st.exists(st.join_uri(source, "train_state.json"), cfg.storage) and not (
+            st.list_checkpoints(source, cfg.storage)
+        ):
+            raise PreflightError(f"run.resume_from={source}: no checkpoint there")
+        problem = st.checkpoint_problem(source, cfg.storage)
+        if problem is not None:
+            raise PreflightError(f"run.resume_from={source}: {problem}")
+    if source is None:
+        return None
+    saved = config_lib.parse_yaml_dict(
+        st.read_text(st.join_uri(source, "config.yaml"), cfg.storage)
+    )
+    try:
+        saved_cfg = config_lib.from_dict(saved)
+    except config_lib.ConfigError:
+        return source  # an older schema: the workers' strict load still names any mismatch
+    want, have = _state_shapes(cfg), _state_shapes(saved_cfg)
+    if want != have:
+        now = config_lib.to_dict(cfg)
+        differ = sorted(
+            f"{section}.{k}"
+            for section in ("model", "objective")
+            for k in saved.get(section, {})
+            if k in now[section] and saved[section][k] != now[section][k]
+        )
+        shown = ", ".join(f"{k} {_dotted(saved, k)!r} -> {_dotted(now, k)!r}" for k in differ[:4])
+        tensor = next(
+            (f"{k} {have.get(k)} -> {want.get(k)}" for k in sorted(set(want) | set(have))
+             if want.get(k) != have.get(k)),
+            "",
+        )  # fmt: skip
+        raise PreflightError(
+            f"{source} was saved for another model ({shown or tensor}); its weights do not "
+            f"fit ({tensor}): start a new run.name (now {cfg.run.name!r}) or restore those "
+            "settings"
+        )
+    return source
+
+
+def _state_shapes(cfg: Any) -> dict[str, list[int]]:
+    """Parameter and buffer shapes of the configured objective (built on the meta device)."""
+    import torch
+
+    from tips_model.objectives import build_objective
+    from tips_model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.model.tokenizer, cfg.model.tokenizer_path, cfg.model.max_text_len)
+    with torch.device("meta"):
+        objective = build_objective(cfg.objective, cfg.model, tok.vocab_size)
+    return {k: list(v.shape) for k, v in objective.state_dict().items()}
+
+
+def _dotted(d: dict[str, Any], key: str) -> Any:
+    section, field = key.split(".", 1)
+    return d.get(section, {}).get(field)
+
+
 def fit(cfg: Any, *, name: str | None = None) -> ray.train.Result:
-    """Validate paths, start or attach to Ray, train, and return the Result."""
+    """Validate paths, check what would be resumed, start or attach to Ray, train.
+
+    Raises:
+        PreflightError: before Ray starts (see ``preflight``).
+    """
     cfg = absolutize(cfg)
+    preflight(cfg, name)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:

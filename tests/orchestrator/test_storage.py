@@ -63,25 +63,3 @@ def test_train_storage(tmp_path, s3_bucket):
     assert path == str(tmp_path / "runs") and fs is None
     path, fs = st.train_storage(f"{s3_bucket}/runs")
     assert path == f"{s3_bucket[5:]}/runs" and isinstance(fs, pafs.S3FileSystem)
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_latest_train_state_follows_the_ray_snapshot(where, tmp_path, s3_bucket):
-    run = str(tmp_path / "run") if where == "local" else f"{s3_bucket}/runs/run"
-    assert st.latest_train_state(run) is None
-    for step in (10, 20):
-        state = {"step": step, "samples_seen": step * 32, "unknown_field": 1}
-        st.write_text(
-            st.join_uri(run, f"checkpoint_{step:08d}", "train_state.json"), json.dumps(state)
-        )
-    snapshot = {
-        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000010"},
-        "checkpoint_results": [],
-    }
-    st.write_text(st.join_uri(run, st.SNAPSHOT_FILE), json.dumps(snapshot))
-    state = st.latest_train_state(run)
-    assert (state.step, state.samples_seen) == (10, 320)  # what Ray would resume from
-    direct = st.latest_train_state(st.join_uri(run, "checkpoint_00000020"), is_checkpoint=True)
-    assert direct.samples_seen == 640
-    ckpt = st.checkpoint_from_uri(st.join_uri(run, "checkpoint_00000020"))
-    assert ckpt.path.endswith("checkpoint_00000020")
