@@ -64,7 +64,14 @@ def main_train(argv: list[str]) -> int:
         print(config_lib.to_yaml(cfg), end="")
         return 0
     from orchestrator.metrics import read_history
-    from orchestrator.trainer import PreflightError, absolutize, fit, metrics_path
+    from orchestrator.trainer import (
+        PreflightError,
+        absolutize,
+        failure_line,
+        fit,
+        metrics_path,
+        write_failure_log,
+    )
 
     cfg = absolutize(cfg)
     try:
@@ -73,7 +80,9 @@ def main_train(argv: list[str]) -> int:
         print(f"tips train: {e}", file=sys.stderr)
         return 2
     if result.error is not None:
-        print(f"tips train: training failed: {result.error}", file=sys.stderr)
+        log = write_failure_log(cfg, result.error)
+        print(f"tips train: failed: {failure_line(result.error)}", file=sys.stderr)
+        print(f"tips train: full error and tracebacks: {log}", file=sys.stderr)
         return 1
     path = metrics_path(cfg)
     if path:

@@ -269,3 +269,55 @@ def fit(cfg: Any, *, name: str | None = None) -> ray.train.Result:
             ray.init()
     trainer = build_trainer(cfg, name=name)
     return trainer.fit()
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception that started a failed run: a worker's (the lowest rank that failed) or
+    the controller's, unwrapped from Ray's task-error wrapper and ``raise ... from``."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        if failures:
+            error = failures[min(failures)]
+            continue
+        inner = getattr(error, "controller_failure", None) or getattr(error, "cause", None)
+        if isinstance(inner, BaseException):
+            error = inner
+            continue
+        if error.__cause__ is not None:
+            error = error.__cause__
+            continue
+        break
+    return error
+
+
+def failure_line(error: BaseException) -> str:
+    """One line for the console: the root cause's type and the first line of its message."""
+    cause = root_cause(error)
+    lines = [x.strip() for x in str(cause).splitlines() if x.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def write_failure_log(cfg: Any, error: BaseException, name: str | None = None) -> str:
+    """The full error (Ray's text, with every worker's traceback) in a file; its path.
+
+    Local runs: ``<run dir>/errors/<UTC time>.log``; S3 runs: a local temporary file (the
+    console line says where)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    text += "\n" + str(error) + "\n"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if "://" in cfg.run.storage_uri:
+        fd, path = tempfile.mkstemp(prefix=f"tips-{cfg.run.name}-{stamp}-", suffix=".log")
+        os.close(fd)
+    else:
+        folder = Path(cfg.run.storage_uri) / (name or cfg.run.name) / "errors"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = str(folder / f"{stamp}.log")
+    Path(path).write_text(text)
+    return path
