@@ -63,11 +63,14 @@ def main_train(argv: list[str]) -> int:
     if "--dry-run" in flags:
         print(config_lib.to_yaml(cfg), end="")
         return 0
+    import ray.train
+
     from orchestrator.metrics import read_history
     from orchestrator.trainer import (
         PreflightError,
         absolutize,
         failure_line,
+        fatal_error,
         fit,
         metrics_path,
         write_failure_log,
@@ -76,12 +79,18 @@ def main_train(argv: list[str]) -> int:
     cfg = absolutize(cfg)
     try:
         result = fit(cfg)
+        error = result.error or fatal_error(cfg)
     except PreflightError as e:
-        print(f"tips train: {e}", file=sys.stderr)
-        return 2
-    if result.error is not None:
-        log = write_failure_log(cfg, result.error)
-        print(f"tips train: failed: {failure_line(result.error)}", file=sys.stderr)
+        print(f"tips train: failed: {e}", file=sys.stderr)
+        return 1
+    except ray.train.TrainingFailedError as e:
+        error = e
+    if error is not None:
+        if isinstance(error, str):  # a failure the workers stopped at without retrying
+            print(f"tips train: failed: {error}", file=sys.stderr)
+            return 1
+        log = write_failure_log(cfg, error)
+        print(f"tips train: failed: {failure_line(error)}", file=sys.stderr)
         print(f"tips train: full error and tracebacks: {log}", file=sys.stderr)
         return 1
     path = metrics_path(cfg)

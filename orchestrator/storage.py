@@ -211,6 +211,7 @@ def checkpoint_from_uri(uri: str, storage: Any | None = None) -> Any:
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
+FATAL_FILE = "fatal_error.txt"  # a run's workers stopped at an error that would repeat
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 
 

@@ -48,6 +48,7 @@ from orchestrator.metrics import (
 from orchestrator.optim import build_optimizer, build_schedules, set_lr
 from orchestrator.parallel import wrap_for_distributed
 from orchestrator.train_state import (
+    CheckpointError,
     TrainState,
     persist_checkpoint,
     read_optimizer_state,
@@ -101,7 +102,26 @@ def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
     return bool(flag.item() > 0)
 
 
+# Failures that repeat on every attempt: the workers stop without raising, so they do not
+# consume run.max_failures, and rank 0 leaves the reason for the driver (FATAL_FILE).
+DETERMINISTIC_FAILURES = (NonFiniteLossError, CheckpointError)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module doc)."""
+    try:
+        _train_loop(loop_config)
+    except DETERMINISTIC_FAILURES as e:
+        from orchestrator.storage import FATAL_FILE, join_uri, write_text
+
+        message = f"{type(e).__name__}: {e}"
+        cfg = config_lib.from_dict(loop_config["config"])
+        if ray.train.get_context().get_world_rank() == 0:
+            write_text(join_uri(loop_config["run_uri"], FATAL_FILE), message, cfg.storage)
+        logger.error("stopping without a retry (it would fail the same way): %s", message)
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
     # 1. config and plan for this world size
     _configure_worker_logging()
     cfg = config_lib.from_dict(loop_config["config"])

@@ -181,6 +181,8 @@ class PreflightError(ValueError):
 def preflight(cfg: Any, name: str | None = None) -> str | None:
     """Checks on the driver, before any worker starts; returns the checkpoint to resume.
 
+    * ``data.train_uri`` must list shards with the right schema (``plan_stream``: the URI,
+      the S3 endpoint and bucket, every shard's columns);
     * ``run.resume_from``, when this run has no checkpoint yet, must be a complete,
       loadable checkpoint (``storage.checkpoint_problem``);
     * the checkpoint a (re)run would resume from must hold tensors of the shapes the
@@ -191,8 +193,16 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
         PreflightError: one line naming the URI and what is wrong.
     """
     from orchestrator import storage as st
+    from orchestrator.data.pipeline import plan_stream
+    from orchestrator.data.shards import ShardError
 
+    try:  # lists every shard and checks its schema: a bad URI, bucket or endpoint fails here
+        plan_stream(cfg)
+    except (ShardError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PreflightError(f"data.train_uri={cfg.data.train_uri}: {first}") from None
     run = run_uri(cfg, name)
+    fatal_error(cfg, name)  # a marker left by an earlier attempt says nothing about this one
     source = st.newest_checkpoint(run, cfg.storage)
     if source is None and cfg.run.resume_from:
         source = cfg.run.resume_from
@@ -269,6 +279,20 @@ def fit(cfg: Any, *, name: str | None = None) -> ray.train.Result:
             ray.init()
     trainer = build_trainer(cfg, name=name)
     return trainer.fit()
+
+
+def fatal_error(cfg: Any, name: str | None = None) -> str | None:
+    """The error the workers stopped at without retrying (``train.DETERMINISTIC_FAILURES``),
+    read once: the marker is removed so that a rerun after the fix starts clean."""
+    from orchestrator import storage as st
+
+    uri = st.join_uri(run_uri(cfg, name), st.FATAL_FILE)
+    if not st.exists(uri, cfg.storage):
+        return None
+    text = st.read_text(uri, cfg.storage).strip()
+    fs, path = st.filesystem(uri, cfg.storage)
+    fs.delete_file(path)
+    return text
 
 
 def root_cause(error: BaseException) -> BaseException:

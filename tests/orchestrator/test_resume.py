@@ -146,17 +146,47 @@ def test_metrics_history_keeps_one_row_per_step_across_a_resume(tmp_path):
     assert read_history(tmp_path / "metrics.jsonl")[-1]["loss/total"] == 3.0
 
 
-def test_tips_train_refuses_a_missing_resume_from_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "train", f"recipe={TINY}",
-         f"data.train_uri={tmp_path}", f"run.storage_uri={tmp_path / 'runs'}",
-         f"run.resume_from={tmp_path / 'nowhere'}"],
+def _tips_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", f"recipe={TINY}", *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stderr  # a run error, found before Ray starts
     lines = [x for x in proc.stderr.splitlines() if x.startswith("tips train:")]
-    assert len(lines) == 1 and "no checkpoint there" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and "ray" not in proc.stderr.lower()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "raylet" not in proc.stderr.lower()
+    return lines[0]
+
+
+def test_tips_train_refuses_a_missing_resume_from_in_one_line(tmp_path, synth_data):
+    proc = _tips_train(
+        f"data.train_uri={synth_data / 'train'}",
+        f"run.storage_uri={tmp_path / 'runs'}",
+        f"run.resume_from={tmp_path / 'nowhere'}",
+    )
+    assert "no checkpoint there" in _one_line(proc)
+
+
+@pytest.mark.parametrize("data", ["empty", "missing", "not shards"])
+def test_tips_train_refuses_data_it_cannot_list_in_one_line(data, tmp_path):
+    uri = tmp_path / "data"
+    if data == "empty":
+        uri.mkdir()
+    elif data == "not shards":
+        uri.mkdir()
+        (uri / "part-0.parquet").write_bytes(b"not parquet at all")
+    line = _one_line(_tips_train(f"data.train_uri={uri}", f"run.storage_uri={tmp_path}"))
+    assert line.startswith(f"tips train: failed: data.train_uri={uri}"), line
+
+
+def test_tips_train_refuses_a_missing_bucket_in_one_line(tmp_path, s3_bucket):
+    line = _one_line(
+        _tips_train(f"data.train_uri={s3_bucket}-gone/shards", f"run.storage_uri={tmp_path}")
+    )
+    assert f"{s3_bucket}-gone" in line
 
 
 def test_checkpoint_from_uri_points_at_the_directory(tmp_path):

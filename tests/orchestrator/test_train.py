@@ -270,3 +270,26 @@ def test_fsdp_on_two_workers_checkpoint_resumes_on_one(
     assert steps == {4.0}
     plan = json.loads((after / "train_state.json").read_text())["plan"]
     assert plan["strategy"] == "none" and plan["world_size"] == 1  # FSDP over 1 worker: no-op
+
+
+@pytest.mark.slow
+def test_nan_limit_stops_once_without_retries_and_names_the_cause(
+    ray_train_runtime, data_cfg, synth_data, tmp_path
+):
+    """A temperature that underflows makes every loss non-finite: the limit is reached on
+    every attempt alike, so the workers stop without raising (run.max_failures untouched)
+    and the driver reads why, once."""
+    from orchestrator.trainer import fatal_error
+
+    cfg = absolutize(
+        _cfg(
+            data_cfg, synth_data, tmp_path, *LOCAL, "run.name=nan", "run.max_failures=3",
+            "model.temperature_init=1e-45", "train.max_nonfinite_steps=2",
+        )
+    )  # fmt: skip
+    result = fit(cfg)
+    assert result.error is None  # Ray saw no failure, so it retried nothing
+    message = fatal_error(cfg)
+    assert message.startswith("NonFiniteLossError: 2 steps in a row had a non-finite loss")
+    assert "train.max_nonfinite_steps=2" in message and "\n" not in message
+    assert fatal_error(cfg) is None  # read once: a rerun after the fix starts clean
