@@ -69,6 +69,10 @@ class DataConfig:
     read_parallelism: int | None = None  # override_num_blocks of the reader
     map_batch_size: int = 32  # rows per decode/augment call
     decode_draft: bool = True  # JPEG draft-mode decode at the smallest size covering all crops
+    # The stream covers train.total_steps batches while at most this fraction of the records
+    # is skipped as bad (corrupt image, no caption, unreadable): it reads 1 / (1 - f) times
+    # the positions it needs. More ends the run with the skip counts (no retry).
+    max_skipped_fraction: float = 0.5
     num_cpus_per_map_task: float = 1.0  # CPU reserved per decode/augment task
     # extra custom resources per read/decode task, e.g. {data_node: 0.01}: Ray Data work only
     # on nodes that offer it (CPU-only data nodes, docs/clusters.md)
@@ -500,6 +504,11 @@ def validate(cfg: Any, source: str = "config") -> None:
         not d.train_uri.startswith("s3://") or len(d.train_uri[5:].split("/")[0]) >= 3,
         source,
         f"data.train_uri={d.train_uri!r}: s3:// URIs need a bucket name",
+    )
+    _require(
+        0 <= d.max_skipped_fraction < 1,
+        source,
+        f"data.max_skipped_fraction={d.max_skipped_fraction} must be in [0, 1)",
     )
     ratios = d.caption_ratios
     _require(

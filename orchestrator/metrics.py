@@ -76,6 +76,9 @@ def progress_line(metrics: dict[str, Any], total_steps: int) -> str:
         if f"metric/{term}/entropy" in metrics:
             parts.append(f"{term} target H {metrics[f'metric/{term}/entropy']:.2f}")
     parts.append(f"lr {metrics.get('sched/lr', 0):.2e}")
+    skipped = sum(v for k, v in metrics.items() if k.startswith("data/skipped_"))
+    if skipped:  # cumulative since the start of the run
+        parts.append(f"skipped {int(skipped)} records")
     parts.append(f"{metrics.get('perf/samples_per_s', 0):.1f} samples/s")
     parts.append(f"data wait {100 * metrics.get('perf/data_wait_frac', 0):.0f}%")
     return " | ".join(parts)

@@ -66,6 +66,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss."""
 
 
+class DataExhaustedError(RuntimeError):
+    """The stream ended before train.total_steps: too many records were skipped as bad."""
+
+
 def _threads(cfg: Any) -> int:
     if cfg.train.torch_threads > 0:
         return cfg.train.torch_threads
@@ -104,7 +108,7 @@ def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
 
 # Failures that repeat on every attempt: the workers stop without raising, so they do not
 # consume run.max_failures, and rank 0 leaves the reason for the driver (FATAL_FILE).
-DETERMINISTIC_FAILURES = (NonFiniteLossError, CheckpointError)
+DETERMINISTIC_FAILURES = (NonFiniteLossError, CheckpointError, DataExhaustedError)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -188,9 +192,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             try:
                 batch = next(batches)
             except StopIteration:
-                raise RuntimeError(
-                    f"the data stream ended at step {state.step} ({state.samples_seen} samples);"
-                    " the pipeline should cover train.total_steps"
+                skipped = {
+                    k.removeprefix("data/"): int(v)
+                    for k, v in state.data_stats.items()
+                    if k.startswith("data/skipped_") and v
+                }
+                raise DataExhaustedError(
+                    f"the data stream ended at step {state.step} of {plan.total_steps} "
+                    f"(skipped records: {skipped or 'none'}; data.max_skipped_fraction="
+                    f"{cfg.data.max_skipped_fraction}): fix the data at {cfg.data.train_uri} "
+                    "or raise data.max_skipped_fraction"
                 ) from None
             throughput.data_wait(time.perf_counter() - t0)
             for key, value in pop_data_stats(batch).items():

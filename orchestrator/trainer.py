@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ class TrainDatasetFactory:
             cfg,
             patch_size=config_lib.patch_size(cfg.model),
             start_sample=start,
-            num_samples=max(total - done, 0),
+            # bad records are skipped: read enough positions to deliver the batches anyway
+            num_samples=math.ceil(max(total - done, 0) / (1 - cfg.data.max_skipped_fraction)),
             required_keys=required_keys(cfg),
             preserve_order=True,  # exact resume needs the seeded order (DESIGN: Checkpoints)
         )
@@ -182,7 +184,8 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
     """Checks on the driver, before any worker starts; returns the checkpoint to resume.
 
     * ``data.train_uri`` must list shards with the right schema (``plan_stream``: the URI,
-      the S3 endpoint and bucket, every shard's columns);
+      the S3 endpoint and bucket, every shard's columns) and hold at least one usable
+      record (``scan_for_usable_record``);
     * ``run.resume_from``, when this run has no checkpoint yet, must be a complete,
       loadable checkpoint (``storage.checkpoint_problem``);
     * the checkpoint a (re)run would resume from must hold tensors of the shapes the
@@ -193,14 +196,23 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
         PreflightError: one line naming the URI and what is wrong.
     """
     from orchestrator import storage as st
-    from orchestrator.data.pipeline import plan_stream
+    from orchestrator.data.pipeline import plan_stream, scan_for_usable_record
     from orchestrator.data.shards import ShardError
 
     try:  # lists every shard and checks its schema: a bad URI, bucket or endpoint fails here
         plan_stream(cfg)
+        found, counts = scan_for_usable_record(
+            cfg, config_lib.patch_size(cfg.model), required_keys(cfg)
+        )
     except (ShardError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PreflightError(f"data.train_uri={cfg.data.train_uri}: {first}") from None
+    if not found:
+        raise PreflightError(
+            f"data.train_uri={cfg.data.train_uri}: no usable record (skipped: "
+            + ", ".join(f"{k.removeprefix('skipped_')} {v}" for k, v in sorted(counts.items()))
+            + ")"
+        )
     run = run_uri(cfg, name)
     fatal_error(cfg, name)  # a marker left by an earlier attempt says nothing about this one
     source = st.newest_checkpoint(run, cfg.storage)

@@ -611,3 +611,34 @@ def iter_local_batches(
                 rows -= batch_size
                 pending = [rest] if rows else []
         g += 1
+
+
+def scan_for_usable_record(
+    cfg: Any, patch_size: int, required_keys: set[str] | None
+) -> tuple[bool, dict[str, int]]:
+    """Read the epoch-0 stream on this process until the first record that makes a row.
+
+    For the driver, before any worker starts: a data set with no usable record at all
+    (every image corrupt, every caption empty) is refused with the counts. A healthy set
+    stops at its first record; only a wholly bad one is read to the end.
+
+    Returns:
+        ``(found, counts)``: counts by reason of the records skipped before it.
+    """
+    plan = plan_stream(cfg)
+    proc = record_processor(record_settings(cfg, patch_size, required_keys))
+    columns = ["key", "alt_text", "captions"] + (["image"] if proc.decode else [])
+    counts: Counter[str] = Counter()
+    order, _ = plan.order(0)
+    for unit in order:
+        for item, width in _unit_items(plan, int(unit), 0, plan.storage, columns):
+            if isinstance(item, BadRecord):
+                counts[_REASON_COLUMN.get(item.reason, "skipped_unreadable")] += width
+                continue
+            row, reason = proc.row(item, plan.seed, 0)
+            if row is not None:
+                return True, dict(counts)
+            counts[reason] += 1
+    if plan.unreadable:  # shards that cannot be opened at all (named in plan_stream's log)
+        counts["skipped_unreadable"] += len(plan.unreadable)
+    return False, dict(counts)

@@ -293,3 +293,51 @@ def test_nan_limit_stops_once_without_retries_and_names_the_cause(
     assert message.startswith("NonFiniteLossError: 2 steps in a row had a non-finite loss")
     assert "train.max_nonfinite_steps=2" in message and "\n" not in message
     assert fatal_error(cfg) is None  # read once: a rerun after the fix starts clean
+
+
+def _half_bad_set(root: Path, n: int, bad_every: int) -> str:
+    """``n`` synthetic records; of every ``bad_every`` in a row, one has a corrupt image and
+    one no text (bad_every=4: 25 % + 25 %, as in issue 17; 1: all bad)."""
+    from orchestrator.data.shards import ShardWriter
+    from orchestrator.data.synthetic import make_record
+
+    uri = str(root / "half_bad")
+    with ShardWriter(uri, shard_size=64) as w:
+        for i in range(n):
+            r = make_record(5, "train", i, image_size=48)
+            if i % bad_every == 0:
+                r["image"] = r["image"][:100]  # truncated
+            if bad_every == 1 or i % bad_every == 1:
+                r.update(alt_text="", captions=[])
+            w.write(r)
+    return uri
+
+
+@pytest.mark.slow
+def test_half_the_records_bad_still_trains_every_step(
+    ray_train_runtime, data_cfg, tmp_path, capsys
+):
+    uri = _half_bad_set(tmp_path, 128, bad_every=4)
+    cfg = absolutize(
+        data_cfg(
+            uri, *BASE, *LOCAL, f"run.storage_uri={tmp_path / 'runs'}", "run.name=bad",
+            "train.total_steps=20", "train.checkpoint_every_steps=20",
+        )
+    )  # fmt: skip
+    result = fit(cfg)
+    assert result.error is None
+    rows = read_history(metrics_path(cfg))
+    assert rows[-1]["train/step"] == 20  # 20 x 8 = 160 samples from 64 usable records
+    assert rows[-1]["data/skipped_corrupt"] > 0 and rows[-1]["data/skipped_no_caption"] > 0
+
+
+def test_no_usable_record_is_refused_before_ray_starts_with_the_counts(data_cfg, tmp_path):
+    from orchestrator.trainer import PreflightError, preflight
+
+    uri = _half_bad_set(tmp_path, 32, bad_every=1)
+    cfg = absolutize(data_cfg(uri, *BASE, f"run.storage_uri={tmp_path / 'runs'}"))
+    with pytest.raises(PreflightError) as info:
+        preflight(cfg)
+    assert str(info.value) == (
+        f"data.train_uri={uri}: no usable record (skipped: no_caption 32)"
+    )  # no record has text, so no image is decoded
