@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "tiny_cpu.yaml"
@@ -109,8 +110,16 @@ def main_train(argv: list[str]) -> int:
             print(f"tips train: warning at step {int(r['train/step'])}: {r['warning']}")
         print(f"tips train: metrics history: {path}")
     if result.checkpoint is not None:
-        print(f"tips train: final checkpoint: {result.checkpoint.path}")
+        print(f"tips train: final checkpoint: {pasteable_uri(result.checkpoint.path, cfg)}")
     return 0
+
+
+def pasteable_uri(path: str, cfg: Any) -> str:
+    """A checkpoint path as ``tips eval checkpoint=`` takes it: Ray reports S3 checkpoints
+    as ``bucket/key``, without the scheme."""
+    if cfg.run.storage_uri.startswith("s3://") and "://" not in path:
+        return "s3://" + path.lstrip("/")
+    return path
 
 
 DIAGNOSTICS = {

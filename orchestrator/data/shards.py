@@ -250,6 +250,8 @@ class ShardWriter:
         """Write the last shard and the manifest; returns what was written."""
         if self._buffer:
             self._flush()
+        if not self.shards:  # nothing written: leave nothing that blocks the next attempt
+            return self.shards
         manifest = {
             "version": 1,
             "num_rows": sum(s.num_rows for s in self.shards),

@@ -194,3 +194,14 @@ def test_checkpoint_from_uri_points_at_the_directory(tmp_path):
     _write_run(cfg, str(tmp_path / "run"), (20,))
     ckpt = st.checkpoint_from_uri(st.join_uri(str(tmp_path / "run"), "checkpoint_00000020"))
     assert ckpt.path.endswith("checkpoint_00000020")
+
+
+def test_printed_checkpoint_uris_can_be_pasted_into_tips_eval(tmp_path):
+    from orchestrator.__main__ import pasteable_uri
+
+    s3 = _cfg(tmp_path, "run.storage_uri=s3://bucket/runs")
+    assert pasteable_uri("bucket/runs/r/checkpoint_00000010", s3) == (
+        "s3://bucket/runs/r/checkpoint_00000010"
+    )
+    local = _cfg(tmp_path)
+    assert pasteable_uri("/abs/runs/r/checkpoint_00000010", local).startswith("/abs/")

@@ -126,3 +126,19 @@ def test_inspect_reports_bad_records_and_shards(tmp_path):
     assert report["rows"] == 4 and report["decode_failures"] == 1
     assert report["empty_alt_text"] == 1 and report["caption_kinds"] == {"long": 4}
     assert report["unreadable_shards"] == [str(out / "extra.parquet")]
+
+
+def test_a_pack_that_wrote_nothing_leaves_nothing_behind(tmp_path, capsys):
+    """Issue 17: the JSONL error names file and line; an empty pack does not block a rerun."""
+    (tmp_path / "imgs").mkdir()
+    captions = tmp_path / "c.jsonl"
+    captions.write_text('{"file": "missing.jpg", "alt_text": "a dog"}\nnot json\n')
+    args = ["pack", "--images", str(tmp_path / "imgs"), "--captions", str(captions)]
+    out = tmp_path / "out"
+    for _ in range(2):  # the second attempt meets no "already holds shard files"
+        assert main_data([*args, "--out", str(out)]) == 1
+        printed = capsys.readouterr()
+        assert "packed 0 records" in printed.out
+        assert f"{captions}:2: skipped" in printed.err
+        assert "already holds" not in printed.err
+    assert not out.exists() or not any(out.iterdir())
