@@ -106,21 +106,22 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(damage, named, tm
     restore_checkpoint_dir(chosen, _objective(cfg), None)
 
 
-def test_preflight_refuses_a_resume_that_cannot_work(tmp_path):
-    cfg = _cfg(tmp_path, f"run.resume_from={tmp_path / 'nowhere'}")
+def test_preflight_refuses_a_resume_that_cannot_work(tmp_path, synth_data):
+    data = f"data.train_uri={synth_data / 'train'}"
+    cfg = _cfg(tmp_path, data, f"run.resume_from={tmp_path / 'nowhere'}")
     with pytest.raises(PreflightError, match=r"run.resume_from=.*nowhere: no checkpoint there"):
         preflight(cfg)
     # a changed model under the same run.name: one line naming the setting and a tensor
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, data)
     _write_run(cfg, f"{tmp_path}/runs/r", (10,))
-    other = _cfg(tmp_path, "objective.head_out_dim=128")
+    other = _cfg(tmp_path, data, "objective.head_out_dim=128")
     with pytest.raises(PreflightError) as info:
         preflight(other)
     msg = str(info.value)
     assert "objective.head_out_dim 256 -> 128" in msg and "new run.name" in msg
     assert "\n" not in msg
     # settings that keep the shapes may change between attempts
-    assert preflight(_cfg(tmp_path, "optim.lr=0.01", "objective.alpha=2.0")).endswith(
+    assert preflight(_cfg(tmp_path, data, "optim.lr=0.01", "objective.alpha=2.0")).endswith(
         "checkpoint_00000010"
     )
 
