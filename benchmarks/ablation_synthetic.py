@@ -28,6 +28,8 @@ linear-probe mIoU and on depth RMSE, tipsv2 beats tips on zero-shot segmentation
 more than the larger of the two stds, and tips stays within one std of clip on retrieval;
 each claim is reported as seen, whichever way it goes. Writes ``OUT/ablation.md``,
 ``OUT/ablation.json`` (every seed's numbers) and ``OUT/ablation.png`` (bars with error bars).
+Rerunning the same command after an interruption keeps the arms already evaluated and the
+checkpoints already trained.
 Needs ``orchestrator.trainer`` and the Ray Data pipeline.
 """
 
@@ -82,8 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def train_arm(name: str, args: argparse.Namespace, data: Path, seed: int) -> str:
     """Train one arm and return its final checkpoint path."""
     from orchestrator import config as config_lib
+    from orchestrator.storage import newest_checkpoint
     from orchestrator.trainer import fit
 
+    done = newest_checkpoint(str(Path(args.out).resolve() / "runs" / f"ablation_{name}_seed{seed}"))
+    if done and done.endswith(f"checkpoint_{args.steps:08d}"):
+        return done  # trained by an earlier, interrupted invocation
     recipe, arm_overrides = ARMS[name]
     overrides = [
         f"data.train_uri={data / 'train'}",
@@ -219,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     per_seed: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    saved = out / "ablation.json"
+    if saved.is_file():  # an interrupted invocation with the same settings: keep its arms
+        old = json.loads(saved.read_text())
+        same = {k: v for k, v in old["args"].items() if k != "seeds"} == {
+            k: v for k, v in vars(args).items() if k != "seeds"
+        }
+        if same:
+            per_seed.update({a: r for a, r in old["per_seed"].items() if a in per_seed})
     for seed in range(args.seeds):
         data = out / f"data_seed{seed}"
         if not (data / "eval").is_dir():
@@ -226,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
             write_synthetic(str(data), n=args.n, seed=seed, n_eval=args.n_eval)
         for arm in arms:
+            if len(per_seed[arm]) > seed:
+                continue  # evaluated by an earlier invocation
             checkpoint = train_arm(arm, args, data, seed)
             per_seed[arm].append(evaluate_arm(checkpoint, data, args.probe_steps))
             (out / "ablation.json").write_text(
