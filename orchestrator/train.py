@@ -278,6 +278,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                     eval_metrics = _periodic_eval(objective, tokenizer, cfg)
                 if rank == 0:
                     metrics.update(eval_metrics)
+            if rank == 0:  # before the checkpoint is handed over: a kill right after it
+                # resumes from that checkpoint, so its step must already be in the history
+                _configure_worker_logging()
+                logger.info(progress_line(metrics, plan.total_steps))
+                if warning:
+                    logger.warning(warning)
+                tb.write(metrics, state.step)
+                history.write({**metrics, "warning": warning} if warning else metrics)
             checkpoint, t_save = None, time.monotonic()
             if want_ckpt:
                 state.world_size_at_save = world_size
@@ -298,13 +306,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                     persist_checkpoint(directory, loop_config["run_uri"], cfg.storage)
                 # SYNC upload copied it to the run's storage; the temp copy is ours to remove.
                 shutil.rmtree(directory.parent, ignore_errors=True)
-            if rank == 0:
-                _configure_worker_logging()
-                logger.info(progress_line(metrics, plan.total_steps))
-                if warning:
-                    logger.warning(warning)
-                tb.write(metrics, state.step)
-                history.write({**metrics, "warning": warning} if warning else metrics)
             if preempted:
                 checkpoint_s = max(checkpoint_s, time.monotonic() - t_save)
                 if rank == 0 and not saved_for_preemption:
