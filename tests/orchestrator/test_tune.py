@@ -277,9 +277,12 @@ max_concurrent_trials: 1
     by_lr = {r["optim.lr"]: r for r in rows}
     assert by_lr[1e-6]["stopped_early"] and by_lr[1e-6]["steps"] == 10
     assert not by_lr[3e-3]["stopped_early"] and by_lr[3e-3]["steps"] == 20
-    assert rows[-1]["optim.lr"] == 1e-6  # finished trials by metric, early-stopped after
+    # finished trials by metric, early-stopped ones after (whether the 1e-3 trial survives
+    # its rung depends on the recipe's learning curve, so the order is checked by group)
+    stopped = [r["stopped_early"] for r in rows]
+    assert stopped == sorted(stopped) and not stopped[0] and stopped[-1]
     finished = [r["metric_last"] for r in rows if not r["stopped_early"]]
-    assert finished == sorted(finished) and not rows[0]["stopped_early"]
+    assert finished == sorted(finished)
 
     outputs = report.write(grid, sweep)
     sweep_dir = tmp_path / "sweeps" / "asha"
