@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -184,8 +185,6 @@ class CollapseMonitor:
         onehot_frac: float = 0.1,
         settings: dict[str, Any] | None = None,
     ) -> None:
-        import math
-
         self.log_k = math.log(max(num_prototypes, 2))
         self.after_step = after_step
         self.patience = max(1, patience)

@@ -183,7 +183,7 @@ class PreflightError(ValueError):
 def preflight(cfg: Any, name: str | None = None) -> str | None:
     """Checks on the driver, before any worker starts; returns the checkpoint to resume.
 
-    * ``data.train_uri`` must list shards with the right schema (``plan_stream``: the URI,
+    * ``data.train_uri`` must list shards with the right schema (its ``plan_stream``: the URI,
       the S3 endpoint and bucket, every shard's columns) and hold at least one usable
       record (``scan_for_usable_record``);
     * ``run.resume_from``, when this run has no checkpoint yet, must be a complete,
@@ -196,11 +196,11 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
         PreflightError: one line naming the URI and what is wrong.
     """
     from orchestrator import storage as st
-    from orchestrator.data.pipeline import plan_stream, scan_for_usable_record
+    from orchestrator.data.local import scan_for_usable_record
     from orchestrator.data.shards import ShardError
 
-    try:  # lists every shard and checks its schema: a bad URI, bucket or endpoint fails here
-        plan_stream(cfg)
+    try:  # lists every shard and checks its schema (a bad URI, bucket or endpoint fails
+        # here), then reads until the first usable record
         found, counts = scan_for_usable_record(
             cfg, config_lib.patch_size(cfg.model), required_keys(cfg)
         )

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from orchestrator import config as config_lib
-from orchestrator.data.pipeline import iter_local_batches, pop_data_stats
+from orchestrator.data.local import iter_local_batches
+from orchestrator.data.pipeline import pop_data_stats
 from orchestrator.metrics import IntervalMeter, collapse_monitor
 from orchestrator.optim import build_optimizer, build_schedules, set_lr
 from tips_model.objectives import StepState, build_objective
