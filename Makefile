@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tips data synth --out demo_data/synth --n 1024 --seed 0 --overwrite
 	rm -rf runs/tiny_cpu_demo
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/tips train \
-		recipe=recipes/tiny_cpu.yaml data.train_uri=demo_data/synth/train \
+		recipe=tiny_cpu data.train_uri=demo_data/synth/train \
 		run.storage_uri=runs run.name=tiny_cpu_demo
 
 test: $(STAMP)

@@ -30,7 +30,7 @@ each claim is reported as seen, whichever way it goes. Writes ``OUT/ablation.md`
 ``OUT/ablation.json`` (every seed's numbers) and ``OUT/ablation.png`` (bars with error bars).
 Rerunning the same command after an interruption keeps the arms already evaluated and the
 checkpoints already trained.
-Needs ``orchestrator.trainer`` and the Ray Data pipeline.
+Needs ``orchestrator.train.driver`` and the Ray Data pipeline.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ import statistics
 import sys
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from orchestrator.recipes import RECIPES_DIR
+
+RECIPES = RECIPES_DIR
 ARMS: dict[str, tuple[str, list[str]]] = {  # arm -> (recipe, overrides)
     "clip": (
         "tiny_cpu.yaml",
@@ -84,8 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def train_arm(name: str, args: argparse.Namespace, data: Path, seed: int) -> str:
     """Train one arm and return its final checkpoint path."""
     from orchestrator import config as config_lib
-    from orchestrator.storage import newest_checkpoint
-    from orchestrator.trainer import fit
+    from orchestrator.train.driver import fit
+    from orchestrator.train.state import newest_checkpoint
 
     done = newest_checkpoint(str(Path(args.out).resolve() / "runs" / f"ablation_{name}_seed{seed}"))
     if done and done.endswith(f"checkpoint_{args.steps:08d}"):
@@ -111,7 +113,7 @@ def train_arm(name: str, args: argparse.Namespace, data: Path, seed: int) -> str
 
 def evaluate_arm(checkpoint: str, data: Path, probe_steps: int) -> dict[str, float]:
     from orchestrator.eval import EvalOptions, load_encoders
-    from orchestrator.evaluate import VISION_TASKS, run_eval
+    from orchestrator.eval.suite import VISION_TASKS, run_eval
 
     tasks = sorted({task for _, task, _ in COLUMNS})
     spec = f"synthetic:{data / 'eval'}"

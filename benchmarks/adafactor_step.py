@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/adafactor_step.py                          # tips_b14, CPU
     .venv/bin/python benchmarks/adafactor_step.py --device cuda --steps 20 # on a GPU
 
-Builds the recipe's objective (default ``recipes/tips_b14.yaml``: ViT-B/14 + text_b + the
+Builds the recipe's objective (default ``tips_b14``: ViT-B/14 + text_b + the
 65536-prototype heads, ~250M trained parameters), gives every parameter a fixed random
 gradient, and times ``optimizer.step()`` of three optimizers in one run, interleaved:
 
 * baseline: ``torch.optim.Adafactor(foreach=True)`` (what the recipes used before);
 * ``torch.optim.Adafactor(foreach=False)``;
-* ours: ``orchestrator.adafactor.Adafactor``.
+* ours: ``orchestrator.train.adafactor.Adafactor``.
 
 Besides ms/step it counts, per step, with ``torch.profiler``, the host reads of a tensor
 value (``aten::_local_scalar_dense``; on a GPU each is a sync that drains the launch queue).
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import config as config_lib  # noqa: E402
-from orchestrator.adafactor import Adafactor  # noqa: E402
+from orchestrator.recipes import find_recipe  # noqa: E402
+from orchestrator.train.adafactor import Adafactor  # noqa: E402
 from tips_model.objectives import build_objective  # noqa: E402
 from tips_model.tokenizer import build_tokenizer  # noqa: E402
 
@@ -43,14 +44,15 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tips_b14.yaml"))
+    ap.add_argument("--recipe", default="tips_b14", help="a packaged recipe name or a YAML path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = config_lib.load(
-        args.recipe, ["data.train_uri=/unused", "model.tokenizer=bpe", "model.tokenizer_path=null"]
+        find_recipe(args.recipe),
+        ["data.train_uri=/unused", "model.tokenizer=bpe", "model.tokenizer_path=null"],
     )
     torch.manual_seed(0)
     vocab = build_tokenizer("bpe", max_len=cfg.model.max_text_len).vocab_size
@@ -67,7 +69,7 @@ def main() -> None:
         "torch Adafactor, single-tensor": torch.optim.Adafactor(
             groups, lr=cfg.optim.lr, foreach=False
         ),
-        "ours (orchestrator.adafactor)": Adafactor(groups, lr=cfg.optim.lr),
+        "ours (orchestrator.train.adafactor)": Adafactor(groups, lr=cfg.optim.lr),
     }
     best = {name: float("inf") for name in opts}
     counts = {}

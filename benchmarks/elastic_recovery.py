@@ -58,7 +58,7 @@ def _history(run: Path) -> list[dict]:
 def _train_cmd(shards: Path, runs: Path, name: str, steps: int) -> list[str]:
     return [
         sys.executable, "-m", "orchestrator", "train",
-        "recipe=recipes/tiny_cpu.yaml",
+        "recipe=tiny_cpu",
         f"data.train_uri={shards}", f"run.storage_uri={runs}", f"run.name={name}",
         "augment.num_local_crops=2", "train.global_batch_size=8",
         "train.batch_size_per_worker=8", "train.log_every_steps=1",

@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/gpu_step.py                        # ViT-B/14 TIPS, bf16, CUDA
     .venv/bin/python benchmarks/gpu_step.py --peak-tflops 989      # H100/H200 SXM dense bf16
-    .venv/bin/python benchmarks/gpu_step.py --device cpu --recipe recipes/tiny_cpu.yaml \\
+    .venv/bin/python benchmarks/gpu_step.py --device cpu --recipe tiny_cpu \\
         --batch 16 --steps 3 --warmup 1                             # smoke run without a GPU
 
-The model, objective and optimizer come from a recipe (default ``recipes/tips_b14.yaml``:
+The model, objective and optimizer come from a recipe (default ``tips_b14``:
 ViT-B/14 + text_b, 1x224 + 6x98 crops, DINO 65536 prototypes, iBOT, full EMA teacher,
 Adafactor) through the same builders the Ray Train worker uses; the batch follows the batch
 contract (random uint8 pixels, DINOv2-style block masks at the recipe's ratios, token ids) and stays
@@ -15,7 +15,7 @@ all in one run:
 * baseline: the vision tower alone, forward + backward on the global crops (the FLOP-dense
   core every dual-encoder step contains);
 * TIPS step: the whole objective under bf16 autocast (``train.precision``), backward,
-  gradient clipping, optimizer step, EMA teacher update - what ``orchestrator/train.py``
+  gradient clipping, optimizer step, EMA teacher update - what ``orchestrator/train/loop.py``
   runs per micro-batch.
 
 FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import config as config_lib  # noqa: E402
-from orchestrator.optim import build_optimizer, build_schedules, set_lr  # noqa: E402
+from orchestrator.recipes import find_recipe  # noqa: E402
+from orchestrator.train.optim import build_optimizer, build_schedules, set_lr  # noqa: E402
 from tips_model.masking import BlockMaskGenerator, sample_batch_masks  # noqa: E402
 from tips_model.objectives import StepState, build_objective  # noqa: E402
 
@@ -93,7 +94,7 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tips_b14.yaml"))
+    ap.add_argument("--recipe", default="tips_b14", help="a packaged recipe name or a YAML path")
     ap.add_argument("--batch", type=int, default=128, help="images per step (one device)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
@@ -117,7 +118,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     cfg = config_lib.load(
-        args.recipe,
+        find_recipe(args.recipe),
         [
             "data.train_uri=/unused",
             "model.tokenizer=bpe",  # the vocabulary size is all that matters here

@@ -7,7 +7,7 @@ pre-made batches (the batch contract, random uint8 pixels and token ids), in one
 same machine:
 
 * baseline: a plain loop in this process: forward, backward, clip, AdamW/Adafactor, EMA;
-* ray: ``orchestrator.trainer.build_trainer`` with 1 worker and the recipe's defaults
+* ray: ``orchestrator.train.driver.build_trainer`` with 1 worker and the recipe's defaults
   (resources per worker, torch threads, log cadence), fed from a materialised Ray Dataset
   of the same rows, so data cost is the same small constant on both sides.
 
@@ -58,7 +58,7 @@ def make_rows(cfg, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 def plain_loop(cfg, rows, steps: int, warmup: int) -> float:
-    from orchestrator.optim import build_optimizer, build_schedules, set_lr
+    from orchestrator.train.optim import build_optimizer, build_schedules, set_lr
     from tips_model.objectives import StepState, build_objective
     from tips_model.tokenizer import build_tokenizer
 
@@ -95,8 +95,8 @@ def ray_loop(cfg, rows, steps: int, warmup: int) -> tuple[float, float]:
     import ray
     import ray.data
 
-    from orchestrator.metrics import read_history
-    from orchestrator.trainer import absolutize, build_trainer, metrics_path
+    from orchestrator.train.driver import absolutize, build_trainer, metrics_path
+    from orchestrator.train.metrics import read_history
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -120,7 +120,7 @@ def ray_loop(cfg, rows, steps: int, warmup: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny_cpu.yaml"))
+    ap.add_argument("--recipe", default="tiny_cpu", help="a packaged recipe name or a YAML path")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best kept")
@@ -128,12 +128,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from orchestrator import config as config_lib
-    from orchestrator.train import _threads
+    from orchestrator.recipes import find_recipe
+    from orchestrator.train.loop import _threads
 
     def load(round_: int):
         runs = tempfile.mkdtemp(prefix="tips-bench-")
         return config_lib.load(
-            args.recipe,
+            find_recipe(args.recipe),
             [
                 f"data.train_uri={runs}/unused",
                 f"run.storage_uri={runs}",

@@ -141,7 +141,7 @@ class TrainConfig:
     log_every_steps: int = 10  # progress line, TensorBoard, metrics.jsonl (rank 0)
     # Logging intervals in a row with collapsed self-distillation targets (near-uniform or
     # near-one-hot, after the warm-ups) before a warning line; 0 = no check
-    # (orchestrator/metrics.py CollapseMonitor).
+    # (orchestrator/train/metrics.py CollapseMonitor).
     collapse_patience: int = 2
     # Ray's controller takes one report per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and
     # a report blocks until the previous one was taken: metrics-only reports are sent at most
@@ -307,17 +307,7 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
             the message names the dotted key and the file or "overrides".
     """
     layers = _recipe_layers(recipe) if recipe else []
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must be key=value, got: {bad}")
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides))
-    except Exception as e:  # OmegaConf errors and yaml's parser errors ("key=[1")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        bad_key = next((o for o in overrides if _parses(o) is False), None)
-        where = f" in {bad_key!r}" if bad_key else ""
-        raise ConfigError(f"overrides: cannot parse{where}: {first}") from None
-    layers.append(("overrides", dotlist))
+    layers.append(("overrides", parse_overrides(overrides)))
     cfg = _merge(layers)
     source = str(layers[-2][0]) if recipe else "overrides"
     try:
@@ -329,6 +319,25 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
             raise
         raise ConfigError(f"{_origin(layers, match.group(1), source)}: {detail}") from None
     return cfg
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """``key=value`` strings -> one DictConfig, the way ``tips train``, ``tips tune`` and
+    ``tips eval`` all read their command lines (values are YAML: ``[a,b]``, ``0.5``, ``true``).
+
+    Raises:
+        ConfigError: an argument without ``=``, or one whose value YAML cannot parse.
+    """
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got: {bad}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:  # OmegaConf errors and yaml's parser errors ("key=[1")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        bad_key = next((o for o in overrides if _parses(o) is False), None)
+        where = f" in {bad_key!r}" if bad_key else ""
+        raise ConfigError(f"overrides: cannot parse{where}: {first}") from None
 
 
 def _parses(override: str) -> bool:

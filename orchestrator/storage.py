@@ -6,9 +6,6 @@ Contract:
     s3_client(storage=None) -> boto3 S3 client with the same endpoint and region
     list_files / read_bytes / write_bytes / read_text / write_text / exists / join_uri
     train_storage(uri, storage) -> (storage_path, storage_filesystem) for ray.train.RunConfig
-    newest_checkpoint(run_uri, storage) -> uri | None   newest complete, loadable checkpoint
-    checkpoint_problem(ckpt_uri, storage) -> str | None  why a checkpoint cannot be resumed
-    latest_train_state(run_uri, storage, is_checkpoint=False) -> TrainState | None
     checkpoint_from_uri(uri, storage=None) -> ray.train.Checkpoint
 
 ``storage`` is ``cfg.storage`` (anything with ``endpoint_url`` and ``region``) or None. The
@@ -21,11 +18,8 @@ moto server (DESIGN.md, "Real components in tests").
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,97 +203,3 @@ def checkpoint_from_uri(uri: str, storage: Any | None = None) -> Any:
 
     fs, path = filesystem(uri, storage)
     return ray.train.Checkpoint(path=path, filesystem=fs)
-
-
-FATAL_FILE = "fatal_error.txt"  # a run's workers stopped at an error that would repeat
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
-
-
-def checkpoint_problem(ckpt_uri: str, storage: Any | None = None) -> str | None:
-    """Why a checkpoint directory cannot be resumed from, naming the file; None when it can.
-
-    Checks what a crash during a write leaves behind, cheaply enough to run on the driver
-    and on every worker: every file present, ``train_state.json`` valid JSON with a step,
-    ``model.pt`` and ``optim.pt`` whole torch archives (a zip whose central directory, at
-    the end of the file, is readable: a truncated file has none).
-    """
-    from orchestrator.train_state import CHECKPOINT_FILES
-
-    fs, path = filesystem(ckpt_uri, storage)
-    for name in CHECKPOINT_FILES:
-        info = fs.get_file_info(f"{path}/{name}")
-        if info.type != pafs.FileType.File:
-            return f"{name}: missing (incomplete checkpoint)"
-        if info.size == 0:
-            return f"{name}: empty"
-    try:
-        raw = json.loads(read_text(join_uri(ckpt_uri, "train_state.json"), storage))
-        int(raw["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        return f"train_state.json: not a valid train state ({type(e).__name__}: {e})"
-    for name in ("model.pt", "optim.pt"):
-        try:
-            with fs.open_input_file(f"{path}/{name}") as f, zipfile.ZipFile(f) as z:
-                if not z.namelist():
-                    return f"{name}: an empty archive"
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            return f"{name}: not a whole torch file, truncated or corrupt ({e})"
-    return None
-
-
-def list_checkpoints(run_uri: str, storage: Any | None = None) -> list[tuple[int, str]]:
-    """``(step, uri)`` of the ``checkpoint_<step>`` directories of a run, newest first."""
-    fs, path = filesystem(run_uri, storage)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    found = []
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-        match = CHECKPOINT_RE.match(Path(info.path).name)
-        if match and info.type == pafs.FileType.Directory:
-            found.append((int(match.group(1)), join_uri(run_uri, Path(info.path).name)))
-    return sorted(found, reverse=True)
-
-
-def newest_checkpoint(run_uri: str, storage: Any | None = None) -> str | None:
-    """The newest complete and loadable checkpoint of a run on storage, local or S3.
-
-    Found on storage itself, not through Ray's run snapshot (which trails the checkpoints
-    written by seconds, is lost with a killed driver and is Ray's private file): a newer
-    checkpoint that does not pass ``checkpoint_problem`` is skipped with a warning naming
-    the file and why. The driver (data position) and the workers (weights) both call it on
-    the same files, so they agree.
-    """
-    for _, uri in list_checkpoints(run_uri, storage):
-        problem = checkpoint_problem(uri, storage)
-        if problem is None:
-            return uri
-        logger.warning("%s: %s; trying the previous checkpoint", uri, problem)
-    return None
-
-
-def latest_train_state(
-    uri: str, storage: Any | None = None, *, is_checkpoint: bool = False
-) -> Any | None:
-    """The ``TrainState`` (step, samples seen = data position) of a run's latest checkpoint.
-
-    Args:
-        uri: the run directory (``storage_uri/name``), or a checkpoint directory when
-            ``is_checkpoint``.
-        storage: ``cfg.storage``.
-        is_checkpoint: ``uri`` is itself a checkpoint directory.
-
-    Returns:
-        The state, or None when the run has no checkpoint yet.
-    """
-    from orchestrator.train_state import TrainState
-
-    ckpt = uri if is_checkpoint else newest_checkpoint(uri, storage)
-    if ckpt is None:
-        return None
-    state_uri = join_uri(ckpt, "train_state.json")
-    if not exists(state_uri, storage):
-        logger.warning("%s: missing; starting the data stream at 0", state_uri)
-        return None
-    raw = json.loads(read_text(state_uri, storage))
-    known = set(TrainState.__dataclass_fields__)
-    return TrainState(**{k: v for k, v in raw.items() if k in known})

@@ -1,12 +1,11 @@
 """A multi-node Ray cluster on one machine: a head and N worker nodes with chosen CPUs, custom
 resources and labels, for tests and for trying elasticity and spot preemption by hand.
 
-    python -m orchestrator.cluster.local up --head cpus=0 --worker cpus=1,data_node=1 \\
+    tips cluster local up --head cpus=0 --worker cpus=1,data_node=1 \\
         --worker cpus=1,trainer_node=1,count=2          # prints RAY_ADDRESS=...
-    python -m orchestrator.cluster.local preempt worker-2 --deadline-s 20   # a spot notice
-    python -m orchestrator.cluster.local add --worker cpus=1,trainer_node=1  # capacity returns
-    python -m orchestrator.cluster.local status | down
-    # == `tips cluster local up|add|preempt|stop|status|down` once wired into __main__
+    tips cluster local preempt worker-2 --deadline-s 20   # a spot notice
+    tips cluster local add --worker cpus=1,trainer_node=1  # capacity returns
+    tips cluster local status | down
 
 Every node is one ``ray start --block`` process in its own session, with its own
 ``--temp-dir`` under ``/tmp/tipsc-<name>/`` and its own block of free ports, so several
@@ -25,7 +24,6 @@ default 0), ``object_store_mb`` (default 128), ``count`` (copies, default 1),
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -413,75 +411,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tips cluster local", description=__doc__.splitlines()[0])
-    p.add_argument("--name", default="tips-local", help="cluster name (state in /tmp/tipsc-NAME)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="start a head and workers")
-    up.add_argument("--head", default="cpus=1", help="head node spec (default cpus=1)")
-    up.add_argument("--worker", action="append", default=[], help="worker spec (repeatable)")
-    up.add_argument("--dashboard", action="store_true", help="dashboard + job server on the head")
-    up.add_argument("--drain-timeout-s", type=float, default=5.0, help="SIGTERM drain per node")
-    add = sub.add_parser("add", help="add worker node(s)")
-    add.add_argument("--worker", required=True, help="worker spec")
-    pre = sub.add_parser("preempt", help="drain a worker as PREEMPTION, then remove it")
-    pre.add_argument("node")
-    pre.add_argument("--deadline-s", type=float, default=20.0)
-    stop = sub.add_parser("stop", help="stop one node now (SIGTERM, then SIGKILL)")
-    stop.add_argument("node")
-    sub.add_parser("status", help="list the nodes")
-    sub.add_parser("down", help="stop every node of this cluster")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cluster = LocalCluster(args.name)
-    try:
-        if args.cmd == "up":
-            workers = []
-            for text in args.worker:
-                spec, count = parse_node_spec(text)
-                workers += [spec] * count
-            head, _ = parse_node_spec(args.head)
-            cluster.up(
-                head, workers, dashboard=args.dashboard, drain_timeout_s=args.drain_timeout_s
-            )
-            print(f"RAY_ADDRESS={cluster.address}")
-            if args.dashboard:
-                print(f"dashboard / job server: {cluster.dashboard_url}")
-        elif args.cmd == "add":
-            spec, count = parse_node_spec(args.worker)
-            for _ in range(count):
-                print(cluster.add_worker(spec).name)
-        elif args.cmd == "preempt":
-            cluster.preempt(args.node, args.deadline_s)
-        elif args.cmd == "stop":
-            cluster.stop_node(args.node)
-        elif args.cmd == "status":
-            for row in cluster.status():
-                print(json.dumps(row))
-        elif args.cmd == "down":
-            cluster.down()
-    except ClusterError as e:
-        print(f"tips cluster local: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main_cluster(argv: list[str]) -> int:
-    """``tips cluster local ...`` (the verb for orchestrator/__main__.py)."""
-    if not argv or argv[0] != "local":
-        print("usage: tips cluster local {up,add,preempt,stop,status,down} ...", file=sys.stderr)
-        return 2
-    return main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ learns a node is gone when it dies and the run loses up to a checkpoint interval
 node with reason ``DRAIN_NODE_REASON_PREEMPTION`` and the notice's time as the deadline: the
 same call as ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` (which only takes
 seconds-from-now), but with the exact deadline. Ray Train's PreemptionWatcher then sees the
-draining node, ``ray.train.get_preemption_info()`` fires in the loop (orchestrator/train.py),
+draining node, ``ray.train.get_preemption_info()`` fires in the loop (orchestrator/train/loop.py),
 rank 0 checkpoints, and the controller restarts the group without this node.
 
 Contract: ``watch(client, drain)`` polls until a notice, calls ``drain(notice)`` exactly once

@@ -1,6 +1,6 @@
 """The evaluation suite: tasks, metrics, dataset readers, results and plots.
 
-``tips eval`` lives in ``orchestrator/evaluate.py`` (``main_eval``, ``run_eval``); periodic
+``tips eval`` is orchestrator/cli/eval.py over ``run_eval`` in orchestrator/eval/suite.py; periodic
 evaluation during training is ``evaluate_during_training`` (``periodic.py``). One module per
 task (``zero_shot_cls``, ``retrieval``, ``zero_shot_seg``, ``linear_seg``, ``depth``,
 ``knn``), each ``run(encoders, dataset, options) -> EvalResult``.

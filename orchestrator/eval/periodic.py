@@ -8,7 +8,7 @@ built-in synthetic set; otherwise any dataset spec ``tips eval data.<task>=`` ac
 (typically ``DIR/eval`` from ``tips data synth``). Datasets are cached per (spec, kind),
 so only the first call reads them. Pass the unwrapped modules (not DDP wrappers), and call
 it on one rank; under FSDP on every rank, inside ``Strategy.evaluating()`` (a sharded tower's
-forward gathers its weights collectively; see orchestrator/parallel.py).
+forward gathers its weights collectively; see orchestrator/train/parallel.py).
 
 Cost on the tiny recipe (vit_test, 32 images, 2 CPU cores): about a second for the three
 default tasks; linear probes and depth add ``probe_steps`` head steps each.

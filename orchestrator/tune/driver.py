@@ -123,7 +123,7 @@ def trial_driver(
     from ray.util.queue import Queue
 
     from orchestrator.storage import is_s3, join_uri
-    from orchestrator.trainer import absolutize, build_trainer
+    from orchestrator.train.driver import absolutize, build_trainer
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()

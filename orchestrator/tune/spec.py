@@ -1,6 +1,6 @@
 """Sweep files: schema, search-space translation and validation before any trial starts.
 
-    sweep = load_sweep("recipes/sweeps/loss_weights.yaml", ["num_samples=8"])
+    sweep = load_sweep("orchestrator/recipes/sweeps/loss_weights.yaml", ["num_samples=8"])
     sweep.base          # the validated base TipsConfig (recipe + the sweep's overrides)
     sweep.space         # {dotted config key: Sampler}
     sweep.param_space() # the Tune param_space: {"overrides": {key: tune domain}}
@@ -111,7 +111,7 @@ class TrialSpec:
 class SweepFile:
     """The schema of a sweep YAML (unknown keys are refused)."""
 
-    recipe: str = "???"  # base recipe: a path, or a name under recipes/
+    recipe: str = "???"  # base recipe: a path, or a packaged recipe's name
     overrides: list[str] = field(default_factory=list)  # key=value for every trial
     metric: str = "???"  # e.g. eval/zero_shot_seg/miou, loss/contrastive_syn
     mode: str = "???"  # max | min

@@ -1,6 +1,6 @@
 """Build and run a Tuner for a validated sweep; resume an interrupted one.
 
-    sweep = load_sweep("recipes/sweeps/loss_weights.yaml")
+    sweep = load_sweep("orchestrator/recipes/sweeps/loss_weights.yaml")
     grid = run_sweep(sweep)                  # ResultGrid; outputs written by report.write
     grid = run_sweep(sweep, resume=True)     # continue an interrupted sweep of that name
 
@@ -67,7 +67,7 @@ def sweep_exists(sweep: Sweep) -> bool:
 
 
 def _trainable(sweep: Sweep) -> Any:
-    from orchestrator.trainer import absolutize
+    from orchestrator.train.driver import absolutize
 
     base = absolutize(sweep.base)
     uri = sweep.uri if "://" in sweep.uri else os.path.abspath(sweep.uri)

@@ -20,6 +20,7 @@ import ray
 import yaml
 
 from orchestrator.config import load
+from orchestrator.recipes import find_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -39,7 +40,7 @@ def _yaml(path: Path) -> dict[str, Any]:
 def _load_recipe(recipe: str, overrides: list[str] = ()) -> Any:
     given = {o.split("=", 1)[0] for o in overrides}
     fill = [f"{k}={v}" for k, v in FILL.items() if k not in given]
-    return load(ROOT / recipe, [*overrides, *fill])
+    return load(find_recipe(recipe), [*overrides, *fill])
 
 
 def _fits(node_resources: dict[str, float], per_worker: dict[str, float]) -> int:
@@ -62,7 +63,7 @@ def _commands(path: Path) -> list[list[str]]:
 def _check_command(path: Path, args: list[str]) -> Any:
     recipes = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
     assert len(recipes) == 1, f"{path}: command without one recipe=: {args}"
-    assert (ROOT / recipes[0]).is_file(), f"{path}: names missing recipe {recipes[0]}"
+    assert find_recipe(recipes[0]).is_file(), f"{path}: names missing recipe {recipes[0]}"
     overrides = [a for a in args if "=" in a and not a.startswith("recipe=")]
     cfg = _load_recipe(recipes[0], overrides)  # unknown keys / bad values fail here
     assert cfg.run.storage_uri.startswith("s3://"), f"{path}: multi-node runs need s3:// storage"
@@ -249,7 +250,7 @@ def test_every_train_command_names_a_real_recipe_with_valid_overrides(path):
     assert commands, f"{path}: shows no `python -m orchestrator train` command"
     for args in commands:
         recipe = next((a.split("=", 1)[1] for a in args if a.startswith("recipe=")), "")
-        if recipe == "recipes/tiny_cpu.yaml":  # local examples: local storage is shared
+        if recipe == "tiny_cpu":  # local examples: local storage is shared
             overrides = [a for a in args if "=" in a and not a.startswith("recipe=")]
             _load_recipe(recipe, overrides)
             continue

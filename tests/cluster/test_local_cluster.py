@@ -59,7 +59,7 @@ def test_cli_up_places_work_by_custom_resource_and_down_leaves_nothing():
     import ray
 
     name = f"cli{os.getpid()}"
-    cli = [sys.executable, "-m", "orchestrator.cluster.local", "--name", name]
+    cli = [sys.executable, "-m", "orchestrator", "cluster", "local", "--name", name]
     worker = "cpus=1,data_node=1,label.tips.io/node-kind=data"
     try:
         up = subprocess.run(
@@ -166,7 +166,7 @@ def synth(tmp_path_factory) -> Path:
 def _train(cluster: LocalCluster, log: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"  # re-decide quickly after a loss
-    cmd = [sys.executable, "-m", "orchestrator", "train", "recipe=recipes/tiny_cpu.yaml"]
+    cmd = [sys.executable, "-m", "orchestrator", "train", "recipe=tiny_cpu"]
     return subprocess.Popen(
         [*cmd, *overrides], cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
     )

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load
-from orchestrator.tpu import TorchXLAConfig, _XLABackend
+from orchestrator.recipes import RECIPES_DIR
+from orchestrator.train.xla import TorchXLAConfig, _XLABackend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,7 @@ def test_config_selects_the_xla_backend_and_serializes():
 
 
 def test_module_imports_without_torch_xla():
-    code = "import sys, orchestrator.tpu; assert 'torch_xla' not in sys.modules"
+    code = "import sys, orchestrator.train.xla; assert 'torch_xla' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -40,7 +41,7 @@ def test_tpu_recipe_validates_with_one_worker_per_chip_of_the_slice():
     import yaml
 
     fill = ["data.train_uri=s3://bucket/shards", "model.tokenizer_path=/tmp/tokenizer.model"]
-    cfg = load(ROOT / "recipes/tips_b14_tpu.yaml", fill)
+    cfg = load(RECIPES_DIR / "tips_b14_tpu.yaml", fill)
     meta = yaml.safe_load((ROOT / "cluster/gcp-tpu.yaml").read_text())["metadata"]
     chips = meta["tpu_hosts_per_slice"] * meta["tpu_chips_per_host"]
     assert cfg.scaling.min_workers == cfg.scaling.max_workers == chips  # a slice is all-or-none
@@ -57,7 +58,7 @@ def _xla_train_fn() -> dict:
     import torch
     import torch.distributed as dist
 
-    from orchestrator import tpu
+    from orchestrator.train import xla as tpu
     from tips_model.objectives import ModelConfig, StepState, TipsObjectiveConfig, build_objective
 
     def make_objective() -> torch.nn.Module:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cluster.local import LocalCluster, NodeSpec
-from orchestrator.metrics import read_history
+from orchestrator.train.metrics import read_history
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -37,7 +37,7 @@ def shards(tmp_path_factory) -> Path:
 
 def _train_args(shards: Path, runs: Path, name: str, *extra: str) -> list[str]:
     return [
-        "recipe=recipes/tiny_cpu.yaml",
+        "recipe=tiny_cpu",
         f"data.train_uri={shards}",
         f"run.storage_uri={runs}",
         f"run.name={name}",

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+from orchestrator.recipes import RECIPES_DIR
+
+RECIPES = RECIPES_DIR
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

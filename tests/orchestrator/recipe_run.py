@@ -1,5 +1,5 @@
 """A recipe's optimizer steps in this process, without Ray: what the worker loop does per
-step (``orchestrator/train.py``: forward, backward, clip, last-layer freeze, lr, optimizer,
+step (``orchestrator/train/loop.py``: forward, backward, clip, last-layer freeze, lr, optimizer,
 EMA teacher; the interval meter and the collapse monitor at the log cadence) on the same
 stream the Ray pipeline makes (``iter_local_batches``). One torch thread, so the numbers
 do not depend on the machine's core count.
@@ -8,7 +8,6 @@ do not depend on the machine's core count.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +16,13 @@ import torch
 from orchestrator import config as config_lib
 from orchestrator.data.local import iter_local_batches
 from orchestrator.data.pipeline import pop_data_stats
-from orchestrator.metrics import IntervalMeter, collapse_monitor
-from orchestrator.optim import build_optimizer, build_schedules, set_lr
+from orchestrator.recipes import RECIPES_DIR
+from orchestrator.train.metrics import IntervalMeter, collapse_monitor
+from orchestrator.train.optim import build_optimizer, build_schedules, set_lr
 from tips_model.objectives import StepState, build_objective
 from tips_model.tokenizer import build_tokenizer
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = RECIPES_DIR
 
 
 @dataclass

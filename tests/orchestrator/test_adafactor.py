@@ -1,4 +1,4 @@
-"""orchestrator.adafactor.Adafactor on whole parameters: torch's update, no host syncs."""
+"""orchestrator.train.adafactor.Adafactor on whole parameters: torch's update, no host syncs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from orchestrator.adafactor import Adafactor
+from orchestrator.train.adafactor import Adafactor
 
 
 def _model() -> nn.Module:

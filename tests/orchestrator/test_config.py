@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from orchestrator import config as config_lib
 from orchestrator.config import ConfigError, derive, load
+from orchestrator.recipes import RECIPES_DIR
 from tips_model.objectives import TipsObjectiveConfig, TipsV2ObjectiveConfig
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = RECIPES_DIR
 TINY = RECIPES / "tiny_cpu.yaml"
 DATA = ["data.train_uri=/tmp/shards"]
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.optim import build_optimizer
+from orchestrator.train.optim import build_optimizer
 from tests.gloo import run_gloo
 from tests.tips_model import test_cloc, test_mug
 from tips_model.objectives import (
@@ -135,7 +135,7 @@ def _eval_forwards(objective) -> dict[str, torch.Tensor]:
 def _worker(rank: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from orchestrator.parallel import wrap_for_distributed
+    from orchestrator.train.parallel import wrap_for_distributed
     from tips_model.ema import ema_update_
 
     for name, case in CASES.items():
@@ -172,7 +172,7 @@ def _worker(rank: int, out_dir: str) -> None:
 
 def _other_objectives(rank: int, out_dir: str) -> None:
     """CLOC and MUG (blocks-only units) train a step, evaluate and gather under FSDP."""
-    from orchestrator.parallel import wrap_for_distributed
+    from orchestrator.train.parallel import wrap_for_distributed
 
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     for name, module in (("cloc", test_cloc), ("mug", test_mug)):

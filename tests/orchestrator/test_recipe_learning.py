@@ -12,7 +12,7 @@ import math
 import pytest
 
 from orchestrator.data.synthetic import write_synthetic
-from orchestrator.metrics import CollapseMonitor
+from orchestrator.train.metrics import CollapseMonitor
 from tests.orchestrator.recipe_run import run_recipe
 
 LOG_K = math.log(256)  # tiny_cpu: objective.head_out_dim = 256
@@ -145,8 +145,8 @@ if __name__ == "__main__":  # print PINNED for this tree
 
 
 def test_tips_train_summary_shows_target_entropies_and_warnings(tmp_path):
-    from orchestrator.__main__ import loss_curve_table
-    from orchestrator.metrics import MetricsHistory, read_history
+    from orchestrator.cli.train import loss_curve_table
+    from orchestrator.train.metrics import MetricsHistory, read_history
 
     history = MetricsHistory(str(tmp_path / "metrics.jsonl"))
     for step in (10, 20):

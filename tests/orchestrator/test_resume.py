@@ -14,19 +14,21 @@ import torch
 
 from orchestrator import config as config_lib
 from orchestrator import storage as st
-from orchestrator.metrics import MetricsHistory, read_history
-from orchestrator.train_state import (
+from orchestrator.recipes import RECIPES_DIR
+from orchestrator.train import state as ckpt
+from orchestrator.train.driver import PreflightError, preflight
+from orchestrator.train.metrics import MetricsHistory, read_history
+from orchestrator.train.state import (
     CheckpointError,
     TrainState,
     persist_checkpoint,
     restore_checkpoint_dir,
     write_checkpoint_dir,
 )
-from orchestrator.trainer import PreflightError, preflight
 from tips_model.objectives import build_objective
 from tips_model.tokenizer import build_tokenizer
 
-TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yaml"
+TINY = RECIPES_DIR / "tiny_cpu.yaml"
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -68,11 +70,11 @@ def _truncate(path: Path) -> None:
 def test_newest_loadable_checkpoint_without_any_ray_snapshot(where, tmp_path, s3_bucket):
     cfg = _cfg(tmp_path)
     run = str(tmp_path / "run") if where == "local" else f"{s3_bucket}/runs/run"
-    assert st.newest_checkpoint(run) is None and st.latest_train_state(run) is None
+    assert ckpt.newest_checkpoint(run) is None and ckpt.latest_train_state(run) is None
     _write_run(cfg, run, (20, 40, 60))
-    assert st.newest_checkpoint(run).endswith("checkpoint_00000060")
-    assert st.latest_train_state(run).samples_seen == 60 * 32
-    direct = st.latest_train_state(st.join_uri(run, "checkpoint_00000020"), is_checkpoint=True)
+    assert ckpt.newest_checkpoint(run).endswith("checkpoint_00000060")
+    assert ckpt.latest_train_state(run).samples_seen == 60 * 32
+    direct = ckpt.latest_train_state(st.join_uri(run, "checkpoint_00000020"), is_checkpoint=True)
     assert direct.step == 20
 
 
@@ -98,7 +100,7 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(damage, named, tm
     else:
         (newest / name).unlink()
     with caplog.at_level("WARNING", logger="orchestrator.storage"):
-        chosen = st.newest_checkpoint(str(run))
+        chosen = ckpt.newest_checkpoint(str(run))
     assert chosen.endswith("checkpoint_00000020")
     assert any(named in r.getMessage() and "checkpoint_00000040" in r.getMessage()
                for r in caplog.records), caplog.text  # fmt: skip
@@ -198,7 +200,7 @@ def test_checkpoint_from_uri_points_at_the_directory(tmp_path):
 
 
 def test_printed_checkpoint_uris_can_be_pasted_into_tips_eval(tmp_path):
-    from orchestrator.__main__ import pasteable_uri
+    from orchestrator.cli.train import pasteable_uri
 
     s3 = _cfg(tmp_path, "run.storage_uri=s3://bucket/runs")
     assert pasteable_uri("bucket/runs/r/checkpoint_00000010", s3) == (

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import config as config_lib
-from orchestrator.metrics import read_history
-from orchestrator.trainer import absolutize, fit, metrics_path
+from orchestrator.train.driver import absolutize, fit, metrics_path
+from orchestrator.train.metrics import read_history
 from tests.orchestrator.conftest import ray_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,10 +101,11 @@ def test_checkpoints_and_resume_through_s3(
     )
     assert fit(cfg).error is None
     from orchestrator import storage
+    from orchestrator.train.state import latest_train_state
 
     uri = f"{s3_bucket}/runs/s3run/checkpoint_00000003"
     assert storage.exists(f"{uri}/model.pt") and storage.exists(f"{uri}/train_state.json")
-    state = storage.latest_train_state(uri, is_checkpoint=True)
+    state = latest_train_state(uri, is_checkpoint=True)
     assert state.step == 3 and state.data_position == 24
     again = config_lib.with_overrides(
         cfg, {"run.resume_from": uri, "run.name": "s3run2", "train.total_steps": 4}
@@ -279,7 +280,7 @@ def test_nan_limit_stops_once_without_retries_and_names_the_cause(
     """A temperature that underflows makes every loss non-finite: the limit is reached on
     every attempt alike, so the workers stop without raising (run.max_failures untouched)
     and the driver reads why, once."""
-    from orchestrator.trainer import fatal_error
+    from orchestrator.train.driver import fatal_error
 
     cfg = absolutize(
         _cfg(
@@ -332,7 +333,7 @@ def test_half_the_records_bad_still_trains_every_step(
 
 
 def test_no_usable_record_is_refused_before_ray_starts_with_the_counts(data_cfg, tmp_path):
-    from orchestrator.trainer import PreflightError, preflight
+    from orchestrator.train.driver import PreflightError, preflight
 
     uri = _half_bad_set(tmp_path, 32, bad_every=1)
     cfg = absolutize(data_cfg(uri, *BASE, f"run.storage_uri={tmp_path / 'runs'}"))

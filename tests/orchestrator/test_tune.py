@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator import config as config_lib
+from orchestrator.cli.tune import main as main_tune
+from orchestrator.recipes import RECIPES_DIR, SWEEPS_DIR
 from orchestrator.tune import driver, report
-from orchestrator.tune.cli import main_tune
 from orchestrator.tune.spec import Sampler, SweepError, load_sweep, max_concurrent, split_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-SWEEPS = ROOT / "recipes" / "sweeps"
+SWEEPS = SWEEPS_DIR
 FILL = ["data.train_uri=/tmp/shards"]
 
 
@@ -37,7 +38,7 @@ def _write_sweep(tmp_path: Path, body: str, name: str = "s.yaml") -> Path:
 
 
 BASE_SWEEP = f"""
-recipe: {ROOT / "recipes" / "tiny_cpu.yaml"}
+recipe: {RECIPES_DIR / "tiny_cpu.yaml"}
 overrides: [train.total_steps=30, train.log_every_steps=10, train.checkpoint_every_steps=10]
 metric: loss/total
 mode: min
@@ -183,7 +184,7 @@ def test_concurrency_is_derived_from_cluster_resources(tmp_path):
 
 
 def test_trial_config_and_incarnation_names():
-    base = config_lib.to_dict(config_lib.load(ROOT / "recipes" / "tiny_cpu.yaml", FILL))
+    base = config_lib.to_dict(config_lib.load(RECIPES_DIR / "tiny_cpu.yaml", FILL))
     import numpy as np
 
     cfg = driver.trial_config(base, {"objective.alpha": np.float64(0.5), "optim.lr": 2e-3})
@@ -228,7 +229,7 @@ def tune_runtime(s3_endpoint: str):
 
 def sweep_file(tmp_path: Path, synth: Path, body: str) -> Path:
     common = f"""
-recipe: {ROOT / "recipes" / "tiny_cpu.yaml"}
+recipe: {RECIPES_DIR / "tiny_cpu.yaml"}
 storage_uri: {tmp_path / "sweeps"}
 overrides:
   - data.train_uri={synth / "train"}

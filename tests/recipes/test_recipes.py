@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from orchestrator.config import load
+from orchestrator.recipes import RECIPES_DIR
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = RECIPES_DIR
 FILL = ["data.train_uri=/tmp/shards", "model.tokenizer_path=/tmp/tokenizer.model"]
 TRAIN_RECIPES = sorted(p for p in RECIPES.glob("*.yaml"))
 

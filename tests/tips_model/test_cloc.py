@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tips_model.objectives.cloc  # noqa: F401  (registers "cloc" until objectives/__init__ does)
+from orchestrator.recipes import RECIPES_DIR
 from tests.gloo import run_gloo
 from tips_model.objectives import ModelConfig, StepState, build_objective, list_objectives
 from tips_model.objectives._regions import (
@@ -23,7 +24,7 @@ from tips_model.objectives.cloc_config import ClocObjectiveConfig
 MODEL = ModelConfig(vision="vit_test", text="text_test", max_text_len=16)
 VOCAB = 100
 R = 3
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = RECIPES_DIR
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tips_model.objectives.mug  # noqa: F401  (registers "mug" until objectives/__init__ does)
+from orchestrator.recipes import RECIPES_DIR
 from tips_model.objectives import ModelConfig, StepState, build_objective, list_objectives
 from tips_model.objectives._mae import (
     encode_visible,
@@ -32,7 +33,7 @@ TINY = dict(
     caption_heads=2,
 )
 VOCAB = 100
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = RECIPES_DIR
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.data.cli import main_data
+from orchestrator.cli.data import main as main_data
 from orchestrator.data.shards import iter_records, list_shards
 from orchestrator.data.synthetic import (
     BACKGROUND_DEPTH_M,

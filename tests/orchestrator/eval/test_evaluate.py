@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from orchestrator import config as config_lib
+from orchestrator.cli.eval import main as main_eval
+from orchestrator.cli.eval import parse_eval_args
 from orchestrator.eval import ALL_TASKS, LoadError, evaluate_during_training, load_encoders
-from orchestrator.evaluate import main_eval, parse_eval_args
+from orchestrator.recipes import RECIPES_DIR
 from tips_model.checkpoints import save_state_dict
 from tips_model.objectives import build_objective
 from tips_model.tokenizer import build_tokenizer
 
-TINY = Path(__file__).resolve().parents[3] / "recipes" / "tiny_cpu.yaml"
+TINY = RECIPES_DIR / "tiny_cpu.yaml"
 FAST = [
     "max_images=8",
     "max_train_images=8",
@@ -103,16 +105,17 @@ def test_cli_argument_errors(tmp_path, capsys):
     assert main_eval(["checkpoint=x", "tasks=[zero_shot_seg,segment]"]) == 2
     assert "unknown eval task 'segment'" in capsys.readouterr().err
     assert main_eval(["checkpoint=x", "probe_steps=many"]) == 2
-    assert "probe_steps='many': expected int" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the same OmegaConf merge as tips train
+    assert "key 'probe_steps'" in err and "converted to Integer" in err
     assert main_eval([f"checkpoint={tmp_path / 'none'}"]) == 1
     assert "not a checkpoint" in capsys.readouterr().err
 
 
 def test_tips_eval_verb_is_wired(capsys):
-    from orchestrator.__main__ import main
+    from orchestrator.cli import main
 
     assert main(["eval", "--help"]) == 0
-    assert "tips eval checkpoint=" in capsys.readouterr().out
+    assert "usage: tips eval (checkpoint=URI" in capsys.readouterr().out
 
 
 def test_parse_eval_args():

@@ -13,7 +13,6 @@ top-1 3 -> 16.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +23,12 @@ from PIL import Image
 from orchestrator import config as config_lib
 from orchestrator.data.synthetic import make_record
 from orchestrator.eval import EvalOptions, encoders_from_objective
-from orchestrator.evaluate import run_eval
+from orchestrator.eval.suite import run_eval
+from orchestrator.recipes import RECIPES_DIR
 from tips_model.objectives import StepState, build_objective
 from tips_model.tokenizer import build_tokenizer
 
-TINY = Path(__file__).resolve().parents[3] / "recipes" / "tiny_cpu.yaml"
+TINY = RECIPES_DIR / "tiny_cpu.yaml"
 STEPS, RECORDS, BATCH, LR, WARMUP = 200, 256, 32, 2e-3, 20
 MIN_GAIN = {"zero_shot_seg/miou": 0.5, "retrieval/t2i_r5": 10.0, "retrieval/i2t_r5": 10.0}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orchestrator.eval.loader import LoadError, encoders_from_objective
-from orchestrator.evaluate import run_eval
+from orchestrator.eval.suite import run_eval
 from tips_model.objectives import ModelConfig, MugObjectiveConfig, build_objective
 from tips_model.tokenizer import build_tokenizer
 

@@ -28,6 +28,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator import config as config_lib
+from orchestrator.train import state as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class TrainDatasetFactory:
 
     def __call__(self) -> ray.data.Dataset:
         from orchestrator.data.pipeline import build_train_stream
-        from orchestrator.storage import latest_train_state
+        from orchestrator.train.state import latest_train_state
 
         cfg = config_lib.from_dict(self.cfg_dict)
         # Runs in the train controller: the DataContext is captured when the dataset is built.
@@ -129,7 +130,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
     from orchestrator.storage import train_storage
-    from orchestrator.train import train_loop_per_worker
+    from orchestrator.train.loop import train_loop_per_worker
 
     s, r = cfg.scaling, cfg.run
     name = name or r.name
@@ -167,6 +168,9 @@ def build_trainer(
             "tensorboard_dir": tb_dir,
             "metrics_path": metrics_path(cfg, name),
             "run_uri": run_uri(cfg, name),
+            # Ray Train local mode (no worker processes) keeps reported checkpoints in
+            # memory only: the loop then writes them to the run directory itself.
+            "local_mode": s.max_workers == 0,
             **(extra_loop_config or {}),
         },
         scaling_config=scaling,
@@ -187,7 +191,7 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
       the S3 endpoint and bucket, every shard's columns) and hold at least one usable
       record (``scan_for_usable_record``);
     * ``run.resume_from``, when this run has no checkpoint yet, must be a complete,
-      loadable checkpoint (``storage.checkpoint_problem``);
+      loadable checkpoint (``state.checkpoint_problem``);
     * the checkpoint a (re)run would resume from must hold tensors of the shapes the
       configured objective has (its ``config.yaml`` rebuilt on the meta device: settings
       that keep the shapes, such as loss weights or the learning rate, may change).
@@ -215,14 +219,14 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
         )
     run = run_uri(cfg, name)
     fatal_error(cfg, name)  # a marker left by an earlier attempt says nothing about this one
-    source = st.newest_checkpoint(run, cfg.storage)
+    source = ckpt.newest_checkpoint(run, cfg.storage)
     if source is None and cfg.run.resume_from:
         source = cfg.run.resume_from
         if not st.exists(st.join_uri(source, "train_state.json"), cfg.storage) and not (
-            st.list_checkpoints(source, cfg.storage)
+            ckpt.list_checkpoints(source, cfg.storage)
         ):
             raise PreflightError(f"run.resume_from={source}: no checkpoint there")
-        problem = st.checkpoint_problem(source, cfg.storage)
+        problem = ckpt.checkpoint_problem(source, cfg.storage)
         if problem is not None:
             raise PreflightError(f"run.resume_from={source}: {problem}")
     if source is None:
@@ -298,7 +302,7 @@ def fatal_error(cfg: Any, name: str | None = None) -> str | None:
     read once: the marker is removed so that a rerun after the fix starts clean."""
     from orchestrator import storage as st
 
-    uri = st.join_uri(run_uri(cfg, name), st.FATAL_FILE)
+    uri = st.join_uri(run_uri(cfg, name), ckpt.FATAL_FILE)
     if not st.exists(uri, cfg.storage):
         return None
     text = st.read_text(uri, cfg.storage).strip()

@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import tempfile
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
+from orchestrator.storage import exists, filesystem, is_s3, join_uri, read_text, write_bytes
 from tips_model.checkpoints import CheckpointError, load_state_dict, save_state_dict
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("model.pt", "optim.pt", "train_state.json", "config.yaml")
 __all__ = ["CHECKPOINT_FILES", "CheckpointError", "TrainState"]
@@ -70,7 +77,7 @@ def write_checkpoint_dir(
     Args:
         model_state: the unsharded ``objective.state_dict()``.
         optim_state: the unsharded ``optimizer.state_dict()`` (integer parameter ids); under
-            FSDP both come from ``orchestrator.parallel`` (gathered by every rank).
+            FSDP both come from ``orchestrator.train.parallel`` (gathered by every rank).
         state: step, data position, world size at save, plan.
         config_yaml: the resolved run config.
 
@@ -163,12 +170,8 @@ def persist_checkpoint(directory: Path, run_uri: str, storage: Any = None) -> st
     Used in Ray Train local mode, where Ray keeps reported checkpoints in memory only.
     Local disk: copied to ``<name>.partial`` and renamed when complete. S3 has no rename:
     ``train_state.json`` is written last, and a checkpoint without it counts as incomplete
-    (``restore_checkpoint_dir`` and ``storage.latest_train_state`` both check).
+    (``restore_checkpoint_dir`` and ``latest_train_state`` both check).
     """
-    import pyarrow.fs as pafs
-
-    from orchestrator.storage import filesystem, is_s3, join_uri, write_bytes
-
     dest_uri = join_uri(run_uri, directory.name)
     if is_s3(dest_uri):
         names = sorted(CHECKPOINT_FILES, key=lambda n: n == "train_state.json")
@@ -183,3 +186,95 @@ def persist_checkpoint(directory: Path, run_uri: str, storage: Any = None) -> st
         fs.delete_dir(dest)
     fs.move(partial, dest)
     return dest_uri
+
+
+# ------------------------------------------------- finding a run's checkpoints on storage
+
+FATAL_FILE = "fatal_error.txt"  # a run's workers stopped at an error that would repeat
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+def checkpoint_problem(ckpt_uri: str, storage: Any | None = None) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, naming the file; None when it can.
+
+    Checks what a crash during a write leaves behind, cheaply enough to run on the driver
+    and on every worker: every file present, ``train_state.json`` valid JSON with a step,
+    ``model.pt`` and ``optim.pt`` whole torch archives (a zip whose central directory, at
+    the end of the file, is readable: a truncated file has none).
+    """
+    fs, path = filesystem(ckpt_uri, storage)
+    for name in CHECKPOINT_FILES:
+        info = fs.get_file_info(f"{path}/{name}")
+        if info.type != pafs.FileType.File:
+            return f"{name}: missing (incomplete checkpoint)"
+        if info.size == 0:
+            return f"{name}: empty"
+    try:
+        raw = json.loads(read_text(join_uri(ckpt_uri, "train_state.json"), storage))
+        int(raw["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"train_state.json: not a valid train state ({type(e).__name__}: {e})"
+    for name in ("model.pt", "optim.pt"):
+        try:
+            with fs.open_input_file(f"{path}/{name}") as f, zipfile.ZipFile(f) as z:
+                if not z.namelist():
+                    return f"{name}: an empty archive"
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            return f"{name}: not a whole torch file, truncated or corrupt ({e})"
+    return None
+
+
+def list_checkpoints(run_uri: str, storage: Any | None = None) -> list[tuple[int, str]]:
+    """``(step, uri)`` of the ``checkpoint_<step>`` directories of a run, newest first."""
+    fs, path = filesystem(run_uri, storage)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        match = CHECKPOINT_RE.match(Path(info.path).name)
+        if match and info.type == pafs.FileType.Directory:
+            found.append((int(match.group(1)), join_uri(run_uri, Path(info.path).name)))
+    return sorted(found, reverse=True)
+
+
+def newest_checkpoint(run_uri: str, storage: Any | None = None) -> str | None:
+    """The newest complete and loadable checkpoint of a run on storage, local or S3.
+
+    Found on storage itself, not through Ray's run snapshot (which trails the checkpoints
+    written by seconds, is lost with a killed driver and is Ray's private file): a newer
+    checkpoint that does not pass ``checkpoint_problem`` is skipped with a warning naming
+    the file and why. The driver (data position) and the workers (weights) both call it on
+    the same files, so they agree.
+    """
+    for _, uri in list_checkpoints(run_uri, storage):
+        problem = checkpoint_problem(uri, storage)
+        if problem is None:
+            return uri
+        logger.warning("%s: %s; trying the previous checkpoint", uri, problem)
+    return None
+
+
+def latest_train_state(
+    uri: str, storage: Any | None = None, *, is_checkpoint: bool = False
+) -> Any | None:
+    """The ``TrainState`` (step, samples seen = data position) of a run's latest checkpoint.
+
+    Args:
+        uri: the run directory (``storage_uri/name``), or a checkpoint directory when
+            ``is_checkpoint``.
+        storage: ``cfg.storage``.
+        is_checkpoint: ``uri`` is itself a checkpoint directory.
+
+    Returns:
+        The state, or None when the run has no checkpoint yet.
+    """
+    ckpt = uri if is_checkpoint else newest_checkpoint(uri, storage)
+    if ckpt is None:
+        return None
+    state_uri = join_uri(ckpt, "train_state.json")
+    if not exists(state_uri, storage):
+        logger.warning("%s: missing; starting the data stream at 0", state_uri)
+        return None
+    raw = json.loads(read_text(state_uri, storage))
+    known = set(TrainState.__dataclass_fields__)
+    return TrainState(**{k: v for k, v in raw.items() if k in known})

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.adafactor import Adafactor
+from orchestrator.train.adafactor import Adafactor
 from tips_model.objectives.base import Objective
 from tips_model.schedules import build_schedule, teacher_temp_schedule
 
@@ -53,9 +53,9 @@ def build_schedules(cfg: Any) -> Schedules:
 def build_optimizer(objective: Objective, cfg: Any) -> torch.optim.Optimizer:
     """Adafactor (the paper's choice) or AdamW over the objective's parameter groups.
 
-    Build it after ``orchestrator.parallel.wrap_for_distributed``: FSDP replaces the
+    Build it after ``orchestrator.train.parallel.wrap_for_distributed``: FSDP replaces the
     parameters with sharded ones. AdamW is elementwise, so torch's runs on shards as is;
-    Adafactor factors whole matrices, so ``orchestrator.adafactor.Adafactor`` (torch's, plus
+    Adafactor factors whole matrices, so ``orchestrator.train.adafactor.Adafactor`` (torch's, plus
     a step that is exact on shards) is used.
     """
     o = cfg.optim

@@ -8,7 +8,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from orchestrator.data.cli import inspect_shards, main_data
+from orchestrator.cli.data import main as main_data
+from orchestrator.data.pack import inspect_shards
 from orchestrator.data.shards import ShardWriter, iter_records, list_shards
 
 

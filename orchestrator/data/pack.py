@@ -1,31 +1,25 @@
-"""`tips data synth|pack|inspect`: make, convert and check shard sets (local or s3://).
+"""Packing images with their texts into shards, and counting what a shard set holds.
 
-    tips data synth --out URI --n N --seed S [--image-size P] [--format parquet|webdataset]
-                    [--shard-size K] [--n-eval M] [--overwrite]
-    tips data pack --images DIR (--captions FILE.jsonl | --coco FILE.json) --out URI
-                   [--shard-size N] [--format parquet|webdataset] [--coco-kind short]
-    tips data inspect URI [--format auto|parquet|webdataset] [--no-decode] [--json]
-    every verb: [--endpoint-url URL] [--region R]   (else AWS_ENDPOINT_URL / AWS_REGION)
+    pack(images, out, captions=JSONL | coco=JSON, ...) -> (written, skipped counts)
+    inspect_shards(uri, storage, format, decode) -> report dict
 
-``synth`` writes ``URI/train`` and ``URI/eval`` (synthetic.py). ``pack`` reads a folder of
-images plus a JSONL of ``{"file", "alt_text", "captions", ["key", "regions", "meta"]}``
-(``captions`` a list of ``{kind, text}`` or a ``{kind: text}`` map), or a COCO captions JSON
-(the first caption becomes the alt-text, all of them captions of ``--coco-kind``); it skips
-and counts entries with a missing or undecodable image, no text, a malformed line or a
-duplicate key, and prints the summary. ``inspect`` counts shards, rows, bytes, caption kinds
-and the records that fail to read or decode.
+``pack`` reads a folder of images plus a JSONL of ``{"file", "alt_text", "captions",
+["key", "regions", "meta"]}`` (``captions`` a list of ``{kind, text}`` or a ``{kind: text}``
+map), or a COCO captions JSON (the first caption becomes the alt-text, all of them captions
+of ``coco_kind``); it skips and counts entries with a missing or undecodable image, no text,
+a malformed line or a duplicate key. ``inspect_shards`` counts shards, rows, bytes, caption
+kinds and the records that fail to read or decode. The command line is ``tips data``
+(orchestrator/cli/data.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 from PIL import Image
@@ -40,46 +34,10 @@ from orchestrator.data.shards import (
 )
 
 
-def _storage(args: argparse.Namespace) -> Any:
-    return SimpleNamespace(endpoint_url=args.endpoint_url, region=args.region)
-
-
 def _progress(total: int | None, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, disable=None)
-
-
-# --------------------------------------------------------------------------- synth
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    from orchestrator.data.synthetic import write_synthetic
-
-    n_eval = args.n_eval if args.n_eval is not None else max(16, args.n // 8)
-    with _progress(args.n + n_eval, "synth") as bar:
-        written = write_synthetic(
-            args.out,
-            args.n,
-            args.seed,
-            image_size=args.image_size,
-            format=args.format,
-            shard_size=args.shard_size,
-            n_eval=n_eval,
-            storage=_storage(args),
-            overwrite=args.overwrite,
-            progress=bar.update,
-        )
-    for split, shards in written.items():
-        rows = sum(s.num_rows for s in shards)
-        print(
-            f"{split}: {rows} records in {len(shards)} {args.format} shards at "
-            f"{st.join_uri(st.normalize_uri(args.out), split)}"
-        )
-    return 0
-
-
-# --------------------------------------------------------------------------- pack
 
 
 def _key(key: str | None, file: str) -> str:
@@ -204,24 +162,6 @@ def pack(
     return written, skipped
 
 
-def run_pack(args: argparse.Namespace) -> int:
-    written, skipped = pack(
-        args.images,
-        args.out,
-        captions=args.captions,
-        coco=args.coco,
-        shard_size=args.shard_size,
-        format=args.format,
-        coco_kind=args.coco_kind,
-        storage=_storage(args),
-        overwrite=args.overwrite,
-    )
-    total = sum(skipped.values())
-    detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
-    print(f"packed {written} records into {st.normalize_uri(args.out)}; skipped {total} ({detail})")
-    return 0 if written else 1
-
-
 # --------------------------------------------------------------------------- inspect
 
 
@@ -268,59 +208,3 @@ def inspect_shards(
         report[name] = counts.get(name, 0)
     report["caption_kinds"] = dict(sorted(kinds.items()))
     return report
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    report = inspect_shards(args.uri, _storage(args), args.format, decode=not args.no_decode)
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
-    for name, value in report.items():
-        print(f"{name:>20}: {value}")
-    return 0
-
-
-# --------------------------------------------------------------------------- argv
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tips data", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="verb", required=True)
-    s = sub.add_parser("synth", help="write the synthetic spatial data set")
-    s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--n-eval", type=int, default=None)
-    k = sub.add_parser("pack", help="pack images + captions into shards")
-    k.add_argument("--images", required=True)
-    k.add_argument("--out", required=True)
-    k.add_argument("--captions", help="JSONL of {file, alt_text, captions}")
-    k.add_argument("--coco", help="COCO-style captions JSON")
-    k.add_argument("--coco-kind", default="short")
-    for q in (s, k):
-        q.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
-        q.add_argument("--shard-size", type=int, default=1000 if q is k else 256)
-        q.add_argument("--overwrite", action="store_true")
-    i = sub.add_parser("inspect", help="count shards, rows, kinds and bad records")
-    i.add_argument("uri")
-    i.add_argument("--format", choices=("auto", "parquet", "webdataset"), default="auto")
-    i.add_argument("--no-decode", action="store_true")
-    i.add_argument("--json", action="store_true")
-    for q in (s, k, i):
-        q.add_argument("--endpoint-url", default=None)
-        q.add_argument("--region", default=None)
-    return p
-
-
-def main_data(argv: list[str]) -> int:
-    """Entry point of ``tips data ...``; returns the process exit code."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        return int(e.code or 0)
-    try:
-        return {"synth": run_synth, "pack": run_pack, "inspect": run_inspect}[args.verb](args)
-    except (ShardError, ValueError, FileNotFoundError) as e:
-        print(f"tips data {args.verb}: {e}", file=sys.stderr)
-        return 2

@@ -1,0 +1,13 @@
+"""Training: the Ray Train driver, the per-worker loop and what the loop is made of.
+
+    driver.py    fit(cfg): preflight checks, the TorchTrainer, failure handling (driver side)
+    loop.py      train_loop_per_worker: the step, checkpoints, metrics (worker side)
+    state.py     checkpoint directories on disk and storage; finding the newest good one
+    optim.py     AdamW / Adafactor, parameter groups, LR / WD / momentum schedules
+    adafactor.py the Adafactor optimizer (big_vision's variant)
+    parallel.py  DDP / FSDP wrapping, gathering full state for checkpoints
+    metrics.py   metrics history, TensorBoard, the progress line, collapse monitoring
+    xla.py       the torch_xla (TPU) step
+
+Submodules are imported where used: ``driver`` pulls in Ray, the rest only torch.
+"""

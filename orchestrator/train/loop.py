@@ -1,0 +1,513 @@
+"""The per-worker training loop (the Ray Train function): the worker side, nothing else.
+
+    train_loop_per_worker({"config": to_dict(cfg), ...})    # run by TorchTrainer
+
+1. rebuild and re-validate the typed config; derive the world-size plan (micro-batch,
+   accumulation) so ``train.global_batch_size`` is constant across elastic restarts;
+2. build the objective; restore student, teacher, centres and step from
+   ``ray.train.get_checkpoint()`` (a restart or a resubmitted run) or ``run.resume_from``;
+   wrap it for ``scaling.strategy`` (DDP, or FSDP sharding: ``orchestrator/train/parallel.py``),
+   build the optimizer and restore its state;
+3. iterate the dataset shard; per optimizer step: ``accum_steps`` micro-batches of forward
+   + backward (bf16 autocast on GPU), a non-finite check agreed by all ranks, clip, step,
+   EMA teacher update, schedules indexed by the global step;
+4. every ``log_every_steps`` report metrics on all ranks (``report`` is a barrier); every
+   ``checkpoint_every_steps``, at the end, and once when a node is being drained for
+   preemption, rank 0 writes a complete, unsharded checkpoint (under FSDP every rank joins
+   the gather first) and hands it to Ray.
+
+Randomness inside a step (drop-path, masks are made by the pipeline) is seeded from
+(seed, step, rank), so a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from orchestrator import config as config_lib
+from orchestrator.data.pipeline import pop_data_stats
+from orchestrator.train.metrics import (
+    IntervalMeter,
+    MetricsHistory,
+    TensorBoardWriter,
+    Throughput,
+    collapse_monitor,
+    progress_line,
+)
+from orchestrator.train.optim import build_optimizer, build_schedules, set_lr
+from orchestrator.train.parallel import wrap_for_distributed
+from orchestrator.train.state import (
+    CheckpointError,
+    TrainState,
+    persist_checkpoint,
+    read_optimizer_state,
+    restore_checkpoint_dir,
+    step_seed,
+    write_checkpoint_dir,
+)
+from tips_model.objectives import StepState, build_objective
+from tips_model.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss."""
+
+
+class DataExhaustedError(RuntimeError):
+    """The stream ended before train.total_steps: too many records were skipped as bad."""
+
+
+def _threads(cfg: Any) -> int:
+    if cfg.train.torch_threads > 0:
+        return cfg.train.torch_threads
+    cpus = cfg.scaling.resources_per_worker.get("CPU", 1.0)
+    return max(1, math.ceil(cpus))
+
+
+def _restore(
+    cfg: Any, objective: torch.nn.Module, run_uri: str
+) -> tuple[TrainState, str | None, dict | None]:
+    """The newest complete and loadable checkpoint of this run on storage (a restart, a
+    resize, a resubmission), else ``run.resume_from``; the driver's data stream starts from
+    the same one (``state.newest_checkpoint``).
+
+    Loads the model (unsharded, before any wrapping) and returns the optimizer state for
+    ``Strategy.load_optimizer_state`` once the optimizer exists.
+    """
+    from orchestrator.storage import checkpoint_from_uri
+    from orchestrator.train.state import newest_checkpoint
+
+    source = newest_checkpoint(run_uri, cfg.storage) or cfg.run.resume_from
+    if not source:
+        return TrainState(seed=cfg.train.seed), None, None
+    with checkpoint_from_uri(source, cfg.storage).as_directory() as directory:
+        state = restore_checkpoint_dir(directory, objective, None)
+        optim_state = read_optimizer_state(directory)
+    state.nonfinite_in_a_row = 0
+    return state, source, optim_state
+
+
+def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+# Failures that repeat on every attempt: the workers stop without raising, so they do not
+# consume run.max_failures, and rank 0 leaves the reason for the driver (FATAL_FILE).
+DETERMINISTIC_FAILURES = (NonFiniteLossError, CheckpointError, DataExhaustedError)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module doc)."""
+    try:
+        _train_loop(loop_config)
+    except DETERMINISTIC_FAILURES as e:
+        from orchestrator.storage import join_uri, write_text
+        from orchestrator.train.state import FATAL_FILE
+
+        message = f"{type(e).__name__}: {e}"
+        cfg = config_lib.from_dict(loop_config["config"])
+        if ray.train.get_context().get_world_rank() == 0:
+            write_text(join_uri(loop_config["run_uri"], FATAL_FILE), message, cfg.storage)
+        logger.error("stopping without a retry (it would fail the same way): %s", message)
+
+
+@dataclasses.dataclass
+class Worker:
+    """What one worker holds for the whole run (built by ``_setup``)."""
+
+    cfg: Any
+    plan: Any
+    rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+    objective: torch.nn.Module
+    tokenizer: Any
+    strategy: Any
+    optimizer: torch.optim.Optimizer
+    schedules: Any
+    state: TrainState
+    run_uri: str
+    persist_locally: bool  # Ray Train local mode keeps reported checkpoints in memory only
+    use_bf16: bool
+    config_yaml: str
+    tb: TensorBoardWriter
+    history: MetricsHistory
+    monitor: Any
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    w = _setup(loop_config)
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(
+        shard.iter_torch_batches(
+            batch_size=w.plan.micro_batch, drop_last=True, prefetch_batches=2, device=w.device
+        )
+    )
+    meter, throughput = IntervalMeter(), Throughput()
+    preemption = PreemptionWatch(w.cfg)
+    last_report = time.monotonic()
+    first_step_unix = 0.0  # when this worker group finished its first step (start-up cost)
+    while w.state.step < w.plan.total_steps:
+        sched = w.schedules.at(w.state.step)
+        position = train_step(w, batches, sched, meter, throughput)
+        w.state.step += 1
+        w.state.samples_seen += w.plan.global_batch_size
+        first_step_unix = first_step_unix or time.time()
+        w.state.data_position = _agree_position(position, w.device, w.distributed)
+        throughput.samples(w.plan.per_rank_batch)
+        preempted = preemption.due(w)
+        last = w.state.step >= w.plan.total_steps
+        want_ckpt = last or preempted or w.state.step % w.cfg.train.checkpoint_every_steps == 0
+        every = w.cfg.train.eval_every_steps
+        want_eval = every > 0 and (w.state.step % every == 0 or last)
+        if want_ckpt or want_eval or w.state.step % w.cfg.train.log_every_steps == 0:
+            metrics = _metrics(meter, throughput, w.state, sched, w.cfg, w.world_size)
+            metrics["time/first_step_unix"] = first_step_unix
+            _log_metrics(w, metrics, want_eval)
+            t_save = time.monotonic()
+            directory = _save(w) if want_ckpt else None
+            if want_ckpt or want_eval or _report_due(last_report, w.cfg, w.device, w.distributed):
+                _report(w, metrics, directory, want_ckpt)
+                last_report = time.monotonic()
+            if preempted:
+                preemption.saved(w, time.monotonic() - t_save)
+    w.tb.close()
+
+
+def _setup(loop_config: dict[str, Any]) -> Worker:
+    """Config and plan for this world size; model, optimizer, schedules and state, restored
+    from the newest checkpoint when there is one."""
+    _configure_worker_logging()
+    cfg = config_lib.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    world_size, rank = ctx.get_world_size(), ctx.get_world_rank()
+    plan = config_lib.derive(cfg, world_size)
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(_threads(cfg))
+    distributed = dist.is_available() and dist.is_initialized() and world_size > 1
+    tokenizer = build_tokenizer(
+        cfg.model.tokenizer, path=cfg.model.tokenizer_path, max_len=cfg.model.max_text_len
+    )
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
+    state, source, optim_state = _restore(cfg, objective, loop_config["run_uri"])
+    strategy = wrap_for_distributed(objective, cfg, device, world_size if distributed else 1)
+    optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
+    if optim_state is not None:
+        strategy.load_optimizer_state(objective, optimizer, optim_state)
+    if source and rank == 0:
+        logger.info(
+            "resumed at step %d (%d samples) from %s (%s, world size %d)",
+            state.step, state.samples_seen, source, strategy.name, world_size,
+        )  # fmt: skip
+    state.plan = {**plan.__dict__, "strategy": strategy.name}  # into train_state.json
+    history = MetricsHistory(loop_config.get("metrics_path") if rank == 0 else None)
+    history.drop_after(state.step)  # steps after the checkpoint are trained (and logged) again
+    return Worker(
+        cfg=cfg, plan=plan, rank=rank, world_size=world_size, device=device,
+        distributed=distributed, objective=objective, tokenizer=tokenizer, strategy=strategy,
+        optimizer=optimizer, schedules=build_schedules(cfg), state=state,
+        run_uri=loop_config["run_uri"], persist_locally=bool(loop_config.get("local_mode")),
+        use_bf16=cfg.train.precision == "bf16" and device.type == "cuda",
+        config_yaml=config_lib.to_yaml(cfg),
+        tb=TensorBoardWriter(loop_config.get("tensorboard_dir") if rank == 0 else None),
+        history=history, monitor=collapse_monitor(cfg),
+    )  # fmt: skip
+
+
+def train_step(
+    w: Worker,
+    batches: Any,
+    sched: dict[str, float],
+    meter: IntervalMeter,
+    throughput: Throughput | None = None,
+) -> int:
+    """One optimizer step: ``accum_steps`` micro-batches of forward + backward (bf16 autocast
+    on GPU), then ``optimizer_step``. Returns the furthest stream position consumed."""
+    state, plan = w.state, w.plan
+    torch.manual_seed(step_seed(w.cfg.train.seed, state.step, w.rank))
+    step_state = StepState(
+        step=state.step, teacher_temp=sched["teacher_temp"], progress=state.step / plan.total_steps
+    )
+    total = torch.zeros((), device=w.device)
+    position = 0
+    for micro in range(plan.accum_steps):
+        t0 = time.perf_counter()
+        batch = _next_batch(w, batches)
+        if throughput is not None:
+            throughput.data_wait(time.perf_counter() - t0)
+        for key, value in pop_data_stats(batch).items():
+            state.data_stats[key] = state.data_stats.get(key, 0.0) + value
+        position = int(batch.pop("sample_index").max()) + 1
+        batch.pop("epoch", None)
+        grad_sync = w.strategy.micro_batch(final=micro == plan.accum_steps - 1)
+        autocast = torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_bf16)
+        with grad_sync, autocast:
+            out = w.objective(batch, step_state)
+            (out.loss / plan.accum_steps).backward()
+        total = total + out.loss.detach() / plan.accum_steps
+        meter.add("loss", out.losses)
+        meter.add("metric", out.metrics)
+    optimizer_step(w, total, sched, meter)
+    return position
+
+
+def _next_batch(w: Worker, batches: Any) -> dict[str, torch.Tensor]:
+    try:
+        return next(batches)
+    except StopIteration:
+        skipped = {
+            k.removeprefix("data/"): int(v)
+            for k, v in w.state.data_stats.items()
+            if k.startswith("data/skipped_") and v
+        }
+        raise DataExhaustedError(
+            f"the data stream ended at step {w.state.step} of {w.plan.total_steps} "
+            f"(skipped records: {skipped or 'none'}; data.max_skipped_fraction="
+            f"{w.cfg.data.max_skipped_fraction}): fix the data at {w.cfg.data.train_uri} "
+            "or raise data.max_skipped_fraction"
+        ) from None
+
+
+def optimizer_step(
+    w: Worker, total: torch.Tensor, sched: dict[str, float], meter: IntervalMeter
+) -> None:
+    """Skip a non-finite step (all ranks agree; too many in a row stop the run), else clip,
+    freeze the last layer early, set the LR, step, and update the EMA teacher."""
+    state, cfg = w.state, w.cfg
+    w.strategy.finish_grads()
+    if not _all_finite(total, w.distributed):
+        w.optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_total += 1
+        logger.warning(
+            "step %d: non-finite loss, step skipped (%d in a row)",
+            state.step, state.nonfinite_in_a_row,
+        )  # fmt: skip
+        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss "
+                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) at step "
+                f"{state.step}; lower optim.lr or check the data"
+            )
+        return
+    state.nonfinite_in_a_row = 0
+    if cfg.optim.grad_clip_norm > 0:
+        params = list(w.objective.student.parameters())
+        w.strategy.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
+    if state.step < cfg.optim.freeze_last_layer_steps:
+        _zero_last_layer_grads(w.objective)
+    set_lr(w.optimizer, sched["lr"])
+    w.optimizer.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    w.objective.update_teacher(sched["ema_momentum"])
+    meter.add("loss", {"total": total})
+
+
+def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
+    """Collapse check, periodic evaluation, then (rank 0) the progress line, TensorBoard and
+    the history row: before the checkpoint is handed over, so a kill right after it resumes
+    from that checkpoint with its step already in the history."""
+    warning = w.monitor.update(metrics) if w.monitor is not None else None
+    # Only rank 0's metrics are kept by Ray; under FSDP every rank runs the towers.
+    if want_eval and (w.rank == 0 or w.strategy.collective_eval):
+        with w.strategy.evaluating():
+            eval_metrics = _periodic_eval(w.objective, w.tokenizer, w.cfg)
+        if w.rank == 0:
+            metrics.update(eval_metrics)
+    if w.rank != 0:
+        return
+    _configure_worker_logging()
+    logger.info(progress_line(metrics, w.plan.total_steps))
+    if warning:
+        logger.warning(warning)
+    w.tb.write(metrics, w.state.step)
+    w.history.write({**metrics, "warning": warning} if warning else metrics)
+
+
+def _save(w: Worker) -> Any:
+    """A complete, unsharded checkpoint directory (rank 0; under FSDP every rank joins the
+    gather first); None on other ranks."""
+    w.state.world_size_at_save = w.world_size
+    model_sd, optim_sd = w.strategy.full_state_dicts(w.objective, w.optimizer, w.rank)
+    if w.rank != 0:
+        return None
+    return write_checkpoint_dir(model_sd, optim_sd, w.state, w.config_yaml)
+
+
+def _report(w: Worker, metrics: dict[str, Any], directory: Any, checkpointing: bool) -> None:
+    """``ray.train.report`` (a barrier: every rank calls it), with rank 0's checkpoint."""
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+    name = f"checkpoint_{w.state.step:08d}" if checkpointing else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if directory is not None:
+        if w.persist_locally:
+            persist_checkpoint(directory, w.run_uri, w.cfg.storage)
+        # SYNC upload copied it to the run's storage; the temp copy is ours to remove.
+        shutil.rmtree(directory.parent, ignore_errors=True)
+
+
+class PreemptionWatch:
+    """A node drain (spot preemption) seen by Ray: one checkpoint at once, and a second just
+    before the deadline, so a preemption loses ~the margin, not a checkpoint interval."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.every = max(1, cfg.train.preemption_check_every_steps)
+        self.margin_s = cfg.train.preemption_margin_s
+        self.saved_once = False
+        self.deadline: float | None = None  # unix seconds when the drained node goes
+        self.saved_before_deadline = False
+        self.checkpoint_s = 0.0  # how long the just-in-time checkpoint took
+
+    def due(self, w: Worker) -> bool:
+        if w.state.step % self.every == 0 and not self.saved_once:
+            info = ray.train.get_preemption_info()
+            if info is not None and info.deadline_ms:
+                self.deadline = info.deadline_ms / 1000.0
+            return info is not None
+        if self.deadline is not None and not self.saved_before_deadline:
+            margin = self.margin_s + 2 * self.checkpoint_s
+            near = _agreed(time.time() >= self.deadline - margin, w.device, w.distributed)
+            self.saved_before_deadline = near
+            return near
+        return False
+
+    def saved(self, w: Worker, seconds: float) -> None:
+        self.checkpoint_s = max(self.checkpoint_s, seconds)
+        if w.rank == 0 and not self.saved_once:
+            left = f"{self.deadline - time.time():.0f} s" if self.deadline else "?"
+            logger.warning(
+                "node drain detected: checkpoint at step %d saved (deadline in %s)",
+                w.state.step, left,
+            )  # fmt: skip
+        elif w.rank == 0:
+            logger.warning("drain deadline near: checkpoint at step %d saved", w.state.step)
+        self.saved_once = True
+
+
+def _agreed(flag: bool, device: torch.device, distributed: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (decisions that lead to a collective call)."""
+    if not distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _report_due(last_report: float, cfg: Any, device: torch.device, distributed: bool) -> bool:
+    """Whether a metrics-only report goes to Ray now: rank 0's clock decides for every rank
+    (``report`` is a barrier that all ranks must call equally often).
+
+    Ray Train's controller drains each worker's single-slot report queue once per poll, so a
+    report sent sooner than that after the previous one blocks the loop until the poll:
+    with a 40 ms step and a report every 10 steps that cost 80% of the time (benchmarks/
+    train_overhead.py). Local logging is not gated.
+    """
+    return _agreed(
+        time.monotonic() - last_report >= cfg.train.report_min_interval_s, device, distributed
+    )
+
+
+def _periodic_eval(objective: torch.nn.Module, tokenizer: Any, cfg: Any) -> dict[str, float]:
+    """Quick evaluation of the student towers on the eval split (``eval/<task>/<metric>``)."""
+    from orchestrator.eval.periodic import evaluate_during_training
+    from orchestrator.eval.suite import VISION_TASKS
+
+    student = objective.student
+    text = getattr(student, "text", None)
+    tasks = tuple(t for t in cfg.train.eval_tasks if text is not None or t in VISION_TASKS)
+    if not tasks:  # a vision-only objective (MUG) with only text tasks configured
+        return {}
+    temp = getattr(student, "temperature", None)
+    return evaluate_during_training(
+        student.vision,
+        text,
+        tokenizer,
+        float(temp().detach()) if temp is not None else 1.0,
+        cfg.data.eval_uri,
+        tasks=tasks,
+        max_images=cfg.train.eval_max_images,
+    )
+
+
+def _configure_worker_logging() -> None:
+    """Ray workers start with Python's default WARNING level: show our INFO progress lines."""
+    # Ray Data applies a logging dictConfig when a dataset first runs in this process, which
+    # disables loggers that already exist: re-enable ours each time we are called.
+    for name, other in logging.root.manager.loggerDict.items():
+        if name.startswith(("orchestrator", "tips_model")) and isinstance(other, logging.Logger):
+            other.disabled = False
+    log = logging.getLogger("orchestrator")
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+def _agree_position(position: int, device: torch.device, distributed: bool) -> int:
+    """The stream position to resume from: the furthest input position any rank consumed.
+
+    With one worker and ordered execution this is exact. With several, Ray's streaming split
+    hands blocks to ranks dynamically, so a few rows prefetched by another rank may be
+    skipped on resume (never repeated); docs/design-changes.md, item 4.
+    """
+    if not distributed:
+        return position
+    t = torch.tensor([position], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _metrics(
+    meter: IntervalMeter,
+    throughput: Throughput,
+    state: TrainState,
+    sched: dict[str, float],
+    cfg: Any,
+    world_size: int,
+) -> dict[str, float]:
+    metrics: dict[str, float] = meter.pop()
+    metrics.update(throughput.pop())
+    o = cfg.objective
+    metrics.update(
+        {
+            "train/step": state.step,
+            "time/unix": time.time(),
+            "train/world_size": world_size,
+            "data/samples_seen": state.samples_seen,
+            "sched/lr": sched["lr"],
+            "sched/ema_momentum": sched["ema_momentum"],
+            "sched/teacher_temp": sched["teacher_temp"],
+            "train/nonfinite_steps": state.nonfinite_total,
+            "data/position": state.data_position,
+        }
+    )
+    metrics.update(state.data_stats)
+    for f in dataclasses.fields(o):  # every objective's loss weights, next to its terms
+        if f.name in ("alpha", "beta") or f.name.endswith("_weight"):
+            metrics[f"weight/{f.name}"] = float(getattr(o, f.name))
+    return metrics
+
+
+def _zero_last_layer_grads(objective: torch.nn.Module) -> None:
+    """DINOv2's ``freeze_last_layer``: keep the prototypes fixed early in training."""
+    for name, p in objective.student.named_parameters():
+        if "last_layer" in name and p.grad is not None:
+            p.grad = None
