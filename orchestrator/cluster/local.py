@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator import ray_compat
+
 logger = logging.getLogger(__name__)
 
 PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range (32768+)
@@ -291,23 +293,19 @@ class LocalCluster:
         return node
 
     def _wait_registered(self, node: LocalNode, timeout_s: float = START_TIMEOUT_S) -> str:
-        from ray._raylet import GcsClient
-        from ray.core.generated import gcs_pb2
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not _alive(node.pid):
                 tail = (self.root / f"{node.name}.log").read_text(errors="replace")[-2000:]
                 raise ClusterError(f"node {node.name} exited while starting:\n{tail}")
             try:
-                infos = GcsClient(address=self.address).get_all_node_info(
-                    timeout=5, state_filter=gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE
-                )
+                gcs = ray_compat.gcs_client(self.address)
+                alive = ray_compat.gcs_nodes(gcs, alive_only=True, timeout_s=5)
             except Exception:  # GCS not up yet
-                infos = {}
-            for info in infos.values():
+                alive = []
+            for info in alive:
                 if info.temp_dir == node.temp_dir:
-                    return info.node_id.hex()
+                    return info.node_id
             time.sleep(0.5)
         raise ClusterError(f"node {node.name} did not register within {timeout_s:.0f} s")
 
@@ -379,14 +377,8 @@ class LocalCluster:
         self.stop_node(name)
 
     def _node_dead(self, node: LocalNode) -> bool:
-        from ray._raylet import GcsClient
-        from ray.core.generated import gcs_pb2
-
-        infos = GcsClient(address=self.address).get_all_node_info(timeout=5)
-        return any(
-            i.node_id.hex() == node.node_id and i.state == gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD
-            for i in infos.values()
-        )
+        nodes = ray_compat.gcs_nodes(ray_compat.gcs_client(self.address), timeout_s=5)
+        return any(n.node_id == node.node_id and not n.alive for n in nodes)
 
     def down(self) -> None:
         """Stop the workers (all SIGTERMed at once), then the head; forget the state."""

@@ -30,10 +30,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from orchestrator import ray_compat
+from orchestrator.ray_compat import GcsNode
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,6 @@ LIFECYCLE_PATH = "/latest/meta-data/instance-life-cycle"
 TOKEN_TTL_S = 21600  # AWS maximum (6 h)
 DEFAULT_NOTICE_S = 120  # AWS: "a two-minute warning" before the interruption
 POLL_INTERVAL_S = 5.0  # AWS recommends polling every 5 s
-PREEMPTION_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 
 
 class ImdsError(RuntimeError):
@@ -209,30 +211,18 @@ class RayDrainer:
         self.node_ip = node_ip
         self.drained_node: str | None = None  # set once the GCS accepted the drain
 
-    def _gcs_client(self) -> Any:
-        from ray._private import services
-        from ray._raylet import GcsClient
-
-        address = services.canonicalize_bootstrap_address_or_die(
-            self.address, temp_dir=self.temp_dir
-        )
-        return GcsClient(address=address)
-
-    def resolve_node_id(self, gcs: Any) -> str:
+    def resolve_node_id(self, alive: Iterable[GcsNode]) -> str:
+        """``node_id`` if given, else the one node of ``alive`` at this machine's IP (and
+        ``temp_dir``)."""
         if self.node_id:
             return self.node_id
         import ray.util
-        from ray.core.generated import gcs_pb2
 
         ip = self.node_ip or ray.util.get_node_ip_address()
-        alive = gcs.get_all_node_info(
-            timeout=10, state_filter=gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE
-        ).values()
         found = [
             n
             for n in alive
-            if n.node_manager_address == ip
-            and (self.temp_dir is None or n.temp_dir == self.temp_dir)
+            if n.ip == ip and (self.temp_dir is None or n.temp_dir == self.temp_dir)
         ]
         if len(found) != 1:
             where = f"ip={ip}" + (f", temp_dir={self.temp_dir}" if self.temp_dir else "")
@@ -240,16 +230,14 @@ class RayDrainer:
                 f"expected one alive Ray node at {where}, found {len(found)}; "
                 "pass --node-id (or --temp-dir when several nodes share a machine)"
             )
-        return found[0].node_id.hex()
+        return found[0].node_id
 
     def __call__(self, notice: SpotNotice) -> None:
-        from ray.core.generated import autoscaler_pb2
-
-        gcs = self._gcs_client()
-        node_id = self.resolve_node_id(gcs)
-        accepted, why = gcs.drain_node(
+        gcs = ray_compat.gcs_client(ray_compat.gcs_address(self.address, self.temp_dir))
+        node_id = self.node_id or self.resolve_node_id(ray_compat.gcs_nodes(gcs, alive_only=True))
+        accepted, why = ray_compat.drain_node_for_preemption(
+            gcs,
             node_id,
-            autoscaler_pb2.DrainNodeReason.Value(PREEMPTION_REASON),
             f"EC2 spot interruption notice: {notice.action} at {notice.raw}",
             notice.deadline_ms,
         )

@@ -54,8 +54,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray.data
-from ray.data._internal.datasource.range_datasource import RangeDatasource
+from ray.data.block import BlockMetadata
 
 from orchestrator import storage as st
 from orchestrator.data.augment import (
@@ -94,6 +95,50 @@ _MAX_BLOCKS = 2000
 # should run ~1 s: 256 rows x ~4 ms (1x224 + 6x98 crops of a ~500x400 JPEG). Measured on
 # 2 cores: 32-row tasks 0.5x, 256-row tasks 0.9x of a torch DataLoader (benchmarks/).
 MIN_UNIT_ROWS = 256
+
+
+class UnitIds(ray.data.Datasource):
+    """The ids ``0 .. n-1`` in one int64 column ``id``, in order: read task ``k`` makes one
+    block of the ``max(1, n // parallelism)`` consecutive ids from ``k * that`` (the last
+    task the remainder), i.e. one id per block whenever ``n <= parallelism``. The same tasks
+    and blocks as Ray's own range read (``ray.data.range``), which takes no ``num_cpus`` /
+    ``resources`` and so would not fuse with the map (see ``_dataset``).
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = int(n)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return 8 * self.n
+
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: ray.data.DataContext | None = None,
+    ) -> list[ray.data.ReadTask]:
+        size = max(1, self.n // max(1, parallelism))
+        schema = pa.schema([("id", pa.int64())])
+        tasks = []
+        for start in range(0, self.n, size):
+            count = min(size, self.n - start)
+            meta = BlockMetadata(
+                num_rows=count, size_bytes=8 * count, input_files=None, exec_stats=None
+            )
+            tasks.append(
+                ray.data.ReadTask(
+                    functools.partial(_unit_id_block, start, count),
+                    meta,
+                    schema=schema,
+                    per_task_row_limit=per_task_row_limit,
+                )
+            )
+        return tasks
+
+
+def _unit_id_block(start: int, count: int) -> list[pa.Table]:
+    return [pa.table({"id": np.arange(start, start + count, dtype=np.int64)})]
 
 
 @dataclass(frozen=True)
@@ -295,7 +340,7 @@ def _dataset(
             "resources": dict(cfg.data.resources_per_map_task) or None,
         }
         ds = ray.data.read_datasource(
-            RangeDatasource(n=count, block_format="arrow", column_name="id"),
+            UnitIds(count),
             override_num_blocks=blocks,
             **placement,
         )

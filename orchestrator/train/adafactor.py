@@ -41,7 +41,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
 
 __all__ = ["Adafactor"]
 
@@ -253,10 +252,18 @@ def _mesh_group(params: Iterable[Tensor]) -> Any:
     return meshes[0].get_group()
 
 
+def _step_dtype() -> torch.dtype:
+    """The step counter's dtype, as torch's optimizers pick it (the private
+    ``torch.optim.optimizer._get_scalar_dtype()`` of torch 2.14): float64 when that is the
+    default dtype, else float32, so the state matches ``torch.optim.Adafactor``'s
+    (tests/test_ray_compat.py compares the two)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def _init_state(state: dict[str, Any], p: Tensor, sharded: bool) -> dict[str, Any]:
     """Fill an empty state with torch's initial one (a CPU step counter); return it."""
     if not state:
-        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        state["step"] = torch.tensor(0.0, dtype=_step_dtype())
         state.update(_zero_state(p, sharded))
     return state
 

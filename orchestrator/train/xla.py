@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -89,6 +90,17 @@ class TorchXLAConfig(TorchConfig):
         }
 
 
+def _address_and_port() -> tuple[str, int]:
+    """Runs on rank 0: this node's IP and a port free on it (the rendezvous address)."""
+    import ray.util
+
+    addr = ray.util.get_node_ip_address()
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
+        s.bind(("", 0))
+        return addr, s.getsockname()[1]
+
+
 def _set_worker_env(master_addr: str, master_port: int, config: dict[str, Any]) -> None:
     """Runs on each worker: the torchrun variables plus PJRT's, before torch_xla starts."""
     import ray.train
@@ -131,9 +143,7 @@ class _XLABackend(Backend):
     """The Backend hooks Ray Train V2 calls around the train function (see module doc)."""
 
     def on_start(self, worker_group: Any, backend_config: TorchXLAConfig) -> None:
-        from ray.train._internal.utils import get_address_and_port
-
-        addr, port = worker_group.execute_single(0, get_address_and_port)
+        addr, port = worker_group.execute_single(0, _address_and_port)
         config = {
             "pjrt_device": backend_config.pjrt_device,
             "cpu_num_devices": backend_config.cpu_num_devices,

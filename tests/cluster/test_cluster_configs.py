@@ -81,12 +81,20 @@ def test_launcher_files_on_disk_are_the_ones_tested():
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
 def test_launcher_file_passes_rays_schema_and_launcher_checks(path):
     jsonschema = pytest.importorskip("jsonschema")
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler.sdk import fillout_defaults
 
     config = _yaml(path)
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(config, schema)
-    validate_config(prepare_config(config))  # what `ray up` runs before touching the cloud
+    # What `ray up` checks before touching the cloud, through the public SDK: the file merged
+    # with its provider's defaults still passes the schema, and the node types are consistent.
+    filled = fillout_defaults(config)
+    jsonschema.validate(filled, schema)
+    assert "cluster_synced_files" in filled, "defaults from another Ray version"
+    assert filled["head_node_type"] in filled["available_node_types"]
+    assert filled["max_workers"] >= sum(
+        t.get("min_workers", 0) for t in filled["available_node_types"].values()
+    )
     types = config["available_node_types"]
     assert config["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values())
     head = types[config["head_node_type"]]

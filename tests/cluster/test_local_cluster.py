@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import ray_compat
 from orchestrator.cluster.local import LocalCluster, LocalNode, NodeSpec, _names_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -82,10 +83,7 @@ def test_cli_up_places_work_by_custom_resource_and_down_leaves_nothing():
                 return ray.get_runtime_context().get_node_id()
 
             assert ray.get(where.remote()) == rows["worker-1"]["node_id"]
-            from ray._raylet import GcsClient
-
-            nodes = GcsClient(address=address).get_all_node_info(timeout=10).values()
-            labels = {n.node_id.hex(): dict(n.labels) for n in nodes}
+            labels = {n["NodeID"]: n["Labels"] for n in ray.nodes()}
             assert labels[rows["worker-1"]["node_id"]]["tips.io/node-kind"] == "data"
         finally:
             ray.shutdown()
@@ -100,7 +98,6 @@ def test_cli_up_places_work_by_custom_resource_and_down_leaves_nothing():
 
 def test_preempt_drains_then_removes_the_node_and_added_capacity_is_usable(local_cluster):
     import ray
-    from ray._raylet import GcsClient
 
     cluster = local_cluster(NodeSpec(cpus=0), [TRAINER])
     first = cluster.node("worker-1")
@@ -117,10 +114,9 @@ def test_preempt_drains_then_removes_the_node_and_added_capacity_is_usable(local
         seen: dict[str, int] = {}
 
         def watch_draining() -> None:
-            from ray._private.state import state
-
+            gcs = ray_compat.gcs_client(cluster.address)
             while not seen and first.name in cluster.node_names():
-                seen.update(state.get_draining_nodes())
+                seen.update(ray_compat.draining_nodes(gcs))
                 time.sleep(0.2)
 
         watcher = threading.Thread(target=watch_draining)
@@ -128,9 +124,8 @@ def test_preempt_drains_then_removes_the_node_and_added_capacity_is_usable(local
         cluster.preempt("worker-1", deadline_s=6)
         watcher.join(timeout=30)
         assert list(seen) == [first.node_id]  # drained (as PREEMPTION, with a deadline) first
-        info = GcsClient(address=cluster.address).get_all_node_info(timeout=10)
-        dead = {i.node_id.hex(): i for i in info.values()}[first.node_id]
-        assert dead.state == 1  # DEAD
+        dead = {n["NodeID"]: n for n in ray.nodes()}[first.node_id]
+        assert not dead["Alive"]
         assert cluster.node_names() == ["head"]
 
         second = cluster.add_worker(TRAINER)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from orchestrator import ray_compat
 from orchestrator.cluster import spot_watcher
 from orchestrator.cluster.local import NodeSpec
 from orchestrator.cluster.spot_watcher import (
@@ -22,6 +23,7 @@ from orchestrator.cluster.spot_watcher import (
     parse_notice,
     watch,
 )
+from orchestrator.ray_compat import GcsNode
 from tests.cluster.fake_imds import FakeImds
 
 NOTICE_TIME = "2030-01-02T03:04:05Z"
@@ -121,23 +123,16 @@ def test_cli_exits_at_once_on_on_demand_instances():
 
 
 def test_drainer_explains_an_ambiguous_node():
-    class Info:
-        def __init__(self, ip: str, temp_dir: str) -> None:
-            self.node_manager_address, self.temp_dir = ip, temp_dir
-
-    class Gcs:
-        def get_all_node_info(self, **_: object) -> dict:
-            return {1: Info("10.0.0.1", "/tmp/a"), 2: Info("10.0.0.1", "/tmp/b")}
-
+    alive = [GcsNode("a1", "10.0.0.1", "/tmp/a", True), GcsNode("b2", "10.0.0.1", "/tmp/b", True)]
     with pytest.raises(spot_watcher.DrainError, match="--node-id"):
-        RayDrainer(node_ip="10.0.0.1").resolve_node_id(Gcs())
+        RayDrainer(node_ip="10.0.0.1").resolve_node_id(alive)
+    assert RayDrainer(node_ip="10.0.0.1", temp_dir="/tmp/b").resolve_node_id(alive) == "b2"
 
 
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_notice_drains_a_real_ray_node_as_preemption(local_cluster):
     import ray
-    from ray._private.state import state as ray_state
 
     cluster = local_cluster(NodeSpec(cpus=0), [NodeSpec(cpus=1, resources={"spot": 1})])
     worker = cluster.node("worker-1")
@@ -151,7 +146,8 @@ def test_notice_drains_a_real_ray_node_as_preemption(local_cluster):
 
         busy = Busy.remote()
         assert ray.get(busy.node.remote()) == worker.node_id
-        assert ray_state.get_draining_nodes() == {}
+        gcs = ray_compat.gcs_client(cluster.address)
+        assert ray_compat.draining_nodes(gcs) == {}
         deadline = datetime.fromtimestamp(time.time() + 60, tz=UTC)
         body = json.dumps({"action": "terminate", "time": deadline.isoformat()})
         drainer = RayDrainer(cluster.address, temp_dir=worker.temp_dir)
@@ -159,7 +155,7 @@ def test_notice_drains_a_real_ray_node_as_preemption(local_cluster):
             imds.state.notice = body
             notice = watch(ImdsClient(imds.endpoint), drainer, poll_interval_s=0.01, max_polls=3)
         assert notice is not None and drainer.drained_node == worker.node_id
-        draining = ray_state.get_draining_nodes()
+        draining = ray_compat.draining_nodes(gcs)
         assert draining == {worker.node_id: notice.deadline_ms}
     finally:
         ray.shutdown()

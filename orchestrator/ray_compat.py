@@ -1,0 +1,119 @@
+"""The one place that touches Ray's private APIs (checked against Ray 2.60.0).
+
+Everything else in ``orchestrator/`` and ``tests/`` uses public Ray (``ray.data.Datasource``,
+``ray.util.get_node_ip_address``, ``ray.nodes()``, ``ray.autoscaler.sdk``) or this module.
+``tests/test_ray_compat.py`` imports every private symbol below and checks the attributes and
+parameters used here, without starting Ray, so a Ray upgrade that moves one fails there, with
+the API's name, instead of deep inside a cluster test or on a spot node.
+
+Private APIs used, and why there is no public one (Ray 2.60.0):
+
+* ``ray._raylet.GcsClient`` (methods ``get_all_node_info``, ``drain_node``,
+  ``get_draining_nodes``; they live on ``ray._raylet.InnerGcsClient``, which ``GcsClient``
+  wraps). A client of the GCS from a process that is not a Ray driver: the spot watcher
+  (orchestrator/cluster/spot_watcher.py) runs beside ``ray start`` and the local cluster
+  (orchestrator/cluster/local.py) runs from the ``tips cluster local`` command, neither of
+  which may ``ray.init`` (that would register a job in the cluster). ``ray.nodes()`` needs
+  ``ray.init``; ``ray.util.state.list_nodes`` needs the dashboard (off on the local cluster)
+  and does not report temp dirs or drain deadlines. Draining a node with reason PREEMPTION
+  and an exact deadline has no public API at all: ``ray drain-node`` (the CLI) calls this
+  same ``GcsClient.drain_node`` but only takes seconds-from-now.
+* ``ray._private.services.canonicalize_bootstrap_address_or_die``: turns None / ``auto`` /
+  ``RAY_ADDRESS`` / the node's ``--temp-dir`` into the GCS address, as ``ray start`` and
+  ``ray.init`` do; public code only resolves addresses inside ``ray.init``.
+* ``ray.core.generated.gcs_pb2.GcsNodeInfo`` (``GcsNodeState.ALIVE`` / ``DEAD``, fields
+  ``node_id``, ``node_manager_address``, ``temp_dir``, ``state``, ``labels``) and
+  ``ray.core.generated.autoscaler_pb2.DrainNodeReason`` (``DRAIN_NODE_REASON_PREEMPTION``):
+  the generated protobufs that ``GcsClient`` takes and returns.
+
+Each private import happens inside the function that needs it, so importing this module
+does not import Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+RAY_VERSION_CHECKED = "2.60.0"
+PREEMPTION_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+
+# (module, attribute path) of every private symbol used below; tests/test_ray_compat.py
+# imports each and checks what this module calls on it.
+PRIVATE_APIS: tuple[tuple[str, str], ...] = (
+    ("ray._raylet", "GcsClient"),
+    ("ray._raylet", "InnerGcsClient.get_all_node_info"),
+    ("ray._raylet", "InnerGcsClient.drain_node"),
+    ("ray._raylet", "InnerGcsClient.get_draining_nodes"),
+    ("ray._private.services", "canonicalize_bootstrap_address_or_die"),
+    ("ray.core.generated.gcs_pb2", "GcsNodeInfo.GcsNodeState"),
+    ("ray.core.generated.autoscaler_pb2", "DrainNodeReason"),
+)
+
+
+@dataclass(frozen=True)
+class GcsNode:
+    """What the cluster code reads of a GCS node record (``gcs_pb2.GcsNodeInfo``)."""
+
+    node_id: str  # hex
+    ip: str  # node_manager_address
+    temp_dir: str
+    alive: bool
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def gcs_address(address: str | None = None, temp_dir: str | None = None) -> str:
+    """The GCS ``HOST:PORT`` for ``address`` (None / "auto" = ``RAY_ADDRESS`` or the local
+    cluster, found through ``temp_dir`` when given), as ``ray start`` resolves it."""
+    from ray._private import services
+
+    return services.canonicalize_bootstrap_address_or_die(address, temp_dir=temp_dir)
+
+
+def gcs_client(address: str) -> Any:
+    """A GCS client for ``HOST:PORT`` that does not connect this process as a Ray driver.
+
+    Raises ``ray.exceptions.RpcError`` when the GCS does not answer (after ~30 s)."""
+    from ray._raylet import GcsClient
+
+    return GcsClient(address=address)
+
+
+def gcs_nodes(gcs: Any, *, alive_only: bool = False, timeout_s: float = 10) -> list[GcsNode]:
+    """Every node the GCS knows (dead ones too unless ``alive_only``), in the GCS's order."""
+    from ray.core.generated import gcs_pb2
+
+    states = gcs_pb2.GcsNodeInfo.GcsNodeState
+    kwargs: dict[str, Any] = {"timeout": timeout_s}
+    if alive_only:
+        kwargs["state_filter"] = states.ALIVE
+    return [
+        GcsNode(
+            node_id=info.node_id.hex(),
+            ip=info.node_manager_address,
+            temp_dir=info.temp_dir,
+            alive=info.state == states.ALIVE,
+            labels=dict(info.labels),
+        )
+        for info in gcs.get_all_node_info(**kwargs).values()
+    ]
+
+
+def drain_node_for_preemption(
+    gcs: Any, node_id: str, message: str, deadline_ms: int
+) -> tuple[bool, str]:
+    """Ask the GCS to drain ``node_id`` (hex) with reason PREEMPTION and an epoch-ms deadline,
+    as ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` does.
+
+    Returns ``(accepted, rejection_message)``; Ray Train's PreemptionWatcher then sees the node
+    draining and ``ray.train.get_preemption_info()`` fires on its workers."""
+    from ray.core.generated import autoscaler_pb2
+
+    reason = autoscaler_pb2.DrainNodeReason.Value(PREEMPTION_REASON)
+    accepted, why = gcs.drain_node(node_id, reason, message, deadline_ms)
+    return bool(accepted), str(why)
+
+
+def draining_nodes(gcs: Any, *, timeout_s: float = 10) -> dict[str, int]:
+    """Hex id -> drain deadline (epoch ms, 0 = none) of every node being drained."""
+    return dict(gcs.get_draining_nodes(timeout=timeout_s))
