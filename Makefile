@@ -24,6 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python tools/check_layout.py
 	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m "not slow"
 
 test-slow: $(STAMP)
@@ -34,6 +35,7 @@ test-all: test test-slow
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python tools/check_layout.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
