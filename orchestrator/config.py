@@ -181,7 +181,16 @@ class RunSection:
     max_preemption_failures: int = -1  # preemptions, counted apart (-1 = infinite)
     num_checkpoints_to_keep: int = 3
     resume_from: str | None = None  # explicit checkpoint URI to start from
-    tensorboard: bool = True
+    tensorboard: bool = True  # false drops "tensorboard" from run.loggers
+    # Where rank 0 writes every metrics row (orchestrator/train/loggers.py): any of
+    # tensorboard (<run>/tensorboard), mlflow, wandb; the last two need their extra:
+    # pip install tips-orchestrator[mlflow] / tips-orchestrator[wandb].
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    experiment: str | None = None  # MLflow experiment, W&B group; None: "tips" (tune: sweep)
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<run.storage_uri>/mlflow.db (local storage)
+    mlflow_tracking_uri: str | None = None
+    wandb_project: str | None = None  # None: the experiment name
+    wandb_mode: str = "online"  # online | offline (files in <run>/wandb; `wandb sync` uploads)
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "model.tokenizer": ("bpe", "sentencepiece"),
     "model.input_norm": tuple(INPUT_NORMS),
+    "run.wandb_mode": ("online", "offline"),
 }
 
 
@@ -572,6 +582,19 @@ def validate(cfg: Any, source: str = "config") -> None:
         source,
         f"run.name={cfg.run.name!r} must be non-empty and contain no '/'",
     )
+    _validate_loggers(cfg.run, source)
+
+
+def _validate_loggers(run: RunSection, source: str) -> None:
+    """``run.loggers``: known names, each once, each one's package installed."""
+    from orchestrator.train.loggers import BACKENDS, missing_extra
+
+    names = list(run.loggers)
+    unknown = [n for n in names if n not in BACKENDS]
+    _require(not unknown, source, f"run.loggers={names}: {unknown} not in {list(BACKENDS)}")
+    _require(len(set(names)) == len(names), source, f"run.loggers={names}: a name repeats")
+    missing = missing_extra(names)
+    _require(missing is None, source, f"run.loggers={names}: {missing}")
 
 
 # --------------------------------------------------------------------------- derived plan

@@ -130,6 +130,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
     from orchestrator.storage import train_storage
+    from orchestrator.train import loggers as loggers_lib
     from orchestrator.train.loop import train_loop_per_worker
 
     s, r = cfg.scaling, cfg.run
@@ -156,21 +157,22 @@ def build_trainer(
         checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
         callbacks=callbacks or [],
     )
-    tb_dir = None
-    if r.tensorboard and "://" not in r.storage_uri:
-        tb_dir = str(Path(r.storage_uri) / name / "tensorboard")
+    try:  # TensorBoard, MLflow, W&B: resolved here, where the command's environment is
+        logger_settings = loggers_lib.loop_settings(cfg, name, run_uri(cfg, name))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     DataContext.get_current().enable_progress_bars = False
     execution = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config_lib.to_dict(cfg),
-            "tensorboard_dir": tb_dir,
             "metrics_path": metrics_path(cfg, name),
             "run_uri": run_uri(cfg, name),
             # Ray Train local mode (no worker processes) keeps reported checkpoints in
             # memory only: the loop then writes them to the run directory itself.
             "local_mode": s.max_workers == 0,
+            "loggers": logger_settings,
             **(extra_loop_config or {}),
         },
         scaling_config=scaling,
@@ -217,6 +219,7 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
             + ", ".join(f"{k.removeprefix('skipped_')} {v}" for k, v in sorted(counts.items()))
             + ")"
         )
+    check_loggers(cfg, name)
     run = run_uri(cfg, name)
     fatal_error(cfg, name)  # a marker left by an earlier attempt says nothing about this one
     source = ckpt.newest_checkpoint(run, cfg.storage)
@@ -259,6 +262,32 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
             "settings"
         )
     return source
+
+
+def check_loggers(cfg: Any, name: str | None = None) -> None:
+    """``run.loggers``: each backend installed, the MLflow tracking store reachable (its
+    experiment is made here, once, before the workers race to make it).
+
+    Raises:
+        PreflightError: one line naming the key and the fix.
+    """
+    from orchestrator.train import loggers as loggers_lib
+
+    missing = loggers_lib.missing_extra(list(cfg.run.loggers))
+    if missing:
+        raise PreflightError(f"run.loggers={list(cfg.run.loggers)}: {missing}")
+    try:
+        settings = loggers_lib.loop_settings(cfg, name or cfg.run.name, run_uri(cfg, name))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    if "mlflow" in settings["backends"]:
+        try:
+            loggers_lib.check_mlflow(settings)
+        except Exception as e:  # noqa: BLE001 (MlflowException, connection errors)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PreflightError(
+                f"run.mlflow_tracking_uri={settings['mlflow_tracking_uri']}: {first}"
+            ) from None
 
 
 def _state_shapes(cfg: Any) -> dict[str, list[int]]:

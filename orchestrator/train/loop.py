@@ -36,10 +36,10 @@ import torch.distributed as dist
 
 from orchestrator import config as config_lib
 from orchestrator.data.pipeline import pop_data_stats
+from orchestrator.train.loggers import Loggers, open_loggers
 from orchestrator.train.metrics import (
     IntervalMeter,
     MetricsHistory,
-    TensorBoardWriter,
     Throughput,
     collapse_monitor,
     progress_line,
@@ -146,13 +146,23 @@ class Worker:
     persist_locally: bool  # Ray Train local mode keeps reported checkpoints in memory only
     use_bf16: bool
     config_yaml: str
-    tb: TensorBoardWriter
+    loggers: Loggers  # TensorBoard, MLflow, W&B (rank 0; orchestrator/train/loggers.py)
     history: MetricsHistory
     monitor: Any
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
     w = _setup(loop_config)
+    try:
+        _steps(w)
+    except BaseException:
+        w.loggers.close(failed=True)  # a restart reopens the same tracker runs
+        raise
+    w.loggers.close()
+
+
+def _steps(w: Worker) -> None:
+    """Train from the restored step to ``train.total_steps``."""
     shard = ray.train.get_dataset_shard("train")
     batches = iter(
         shard.iter_torch_batches(
@@ -187,7 +197,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 last_report = time.monotonic()
             if preempted:
                 preemption.saved(w, time.monotonic() - t_save)
-    w.tb.close()
 
 
 def _setup(loop_config: dict[str, Any]) -> Worker:
@@ -226,7 +235,10 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
         run_uri=loop_config["run_uri"], persist_locally=bool(loop_config.get("local_mode")),
         use_bf16=cfg.train.precision == "bf16" and device.type == "cuda",
         config_yaml=config_lib.to_yaml(cfg),
-        tb=TensorBoardWriter(loop_config.get("tensorboard_dir") if rank == 0 else None),
+        loggers=(
+            open_loggers(loop_config.get("loggers"), loop_config["config"], cfg.storage)
+            if rank == 0 else Loggers([])
+        ),
         history=history, monitor=collapse_monitor(cfg),
     )  # fmt: skip
 
@@ -337,7 +349,7 @@ def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
     logger.info(progress_line(metrics, w.plan.total_steps))
     if warning:
         logger.warning(warning)
-    w.tb.write(metrics, w.state.step)
+    w.loggers.write(metrics, w.state.step)
     w.history.write({**metrics, "warning": warning} if warning else metrics)
 
 
