@@ -2,7 +2,7 @@
 
     ds = build_dataset(cfg, patch_size=p, epoch=e, skip_samples=n, required_keys=keys)
     ds = build_train_stream(cfg, patch_size=p, start_sample=s, num_samples=k, required_keys=keys)
-    for batch in ds.iter_torch_batches(batch_size=B): ...   # batch contract, DESIGN.md
+    for batch in ds.iter_torch_batches(batch_size=B): ...   # docs/design.md, "Batch contract"
 
 Batch contract: ``global_crops [B, G, 3, H, W]`` uint8, ``local_crops [B, M, 3, h, w]`` uint8
 (omitted when M = 0), ``masks [B, G, H/p, W/p]`` bool, ``alt_ids`` / ``syn_ids [B, T]``
@@ -51,7 +51,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +72,9 @@ from orchestrator.data.augment import (
 )
 from orchestrator.data.captions import CaptionSampler, cached_tokenizer, tokenize_pair
 from orchestrator.data.shards import BadRecord, ShardError, ShardInfo, iter_unit, list_shards
+
+if TYPE_CHECKING:
+    from orchestrator.config import TipsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +219,9 @@ def _epoch_order(
     return order, offsets
 
 
-def record_settings(cfg: Any, patch_size: int, required_keys: set[str] | None) -> RecordSettings:
+def record_settings(
+    cfg: TipsConfig, patch_size: int, required_keys: set[str] | None
+) -> RecordSettings:
     """The per-record settings from the config and the objective's batch keys.
 
     Raises:
@@ -268,7 +273,7 @@ def _group_units(shard: int, groups: tuple[int, ...]) -> list[tuple[int, int, in
     return units
 
 
-def plan_stream(cfg: Any, split: str = "train") -> StreamPlan:
+def plan_stream(cfg: TipsConfig, split: str = "train") -> StreamPlan:
     """List the shards of ``split`` once and fix the seeded unit order (positions: epoch 0).
 
     Args:
@@ -316,7 +321,7 @@ def plan_stream(cfg: Any, split: str = "train") -> StreamPlan:
 
 
 def _dataset(
-    plan: StreamPlan, settings: RecordSettings, cfg: Any, preserve_order: bool | None
+    plan: StreamPlan, settings: RecordSettings, cfg: TipsConfig, preserve_order: bool | None
 ) -> ray.data.Dataset:
     if plan.stop <= plan.start:
         raise ValueError(f"empty stream: positions [{plan.start}, {plan.stop})")
@@ -357,7 +362,7 @@ def _dataset(
 
 
 def build_dataset(
-    cfg: Any,
+    cfg: TipsConfig,
     *,
     split: str = "train",
     patch_size: int,
@@ -385,7 +390,7 @@ def build_dataset(
 
 
 def build_train_stream(
-    cfg: Any,
+    cfg: TipsConfig,
     *,
     patch_size: int,
     start_sample: int = 0,

@@ -9,7 +9,7 @@ teacher temperature. Sources: TIPS_NOTES 7 (Adafactor, lr 5e-4, linear warm-up a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ import torch
 from orchestrator.train.adafactor import Adafactor
 from tips_model.objectives.base import Objective
 from tips_model.schedules import build_schedule, teacher_temp_schedule
+
+if TYPE_CHECKING:
+    from orchestrator.config import TipsConfig
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Schedules:
         }
 
 
-def build_schedules(cfg: Any) -> Schedules:
+def build_schedules(cfg: TipsConfig) -> Schedules:
     total = cfg.train.total_steps
     o, t = cfg.optim, cfg.teacher
     lr = build_schedule(o.lr_schedule, o.lr, o.final_lr, total, min(o.warmup_steps, total), 0.0)
@@ -50,7 +53,7 @@ def build_schedules(cfg: Any) -> Schedules:
     return Schedules(lr=lr, momentum=momentum, teacher_temp=temp)
 
 
-def build_optimizer(objective: Objective, cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(objective: Objective, cfg: TipsConfig) -> torch.optim.Optimizer:
     """Adafactor (the paper's choice) or AdamW over the objective's parameter groups.
 
     Build it after ``orchestrator.train.parallel.wrap_for_distributed``: FSDP replaces the

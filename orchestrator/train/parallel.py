@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,9 @@ from torch import nn
 
 from tips_model.checkpoints import CheckpointError
 from tips_model.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from orchestrator.config import TipsConfig
 
 __all__ = ["Strategy", "DdpStrategy", "FsdpStrategy", "wrap_for_distributed"]
 
@@ -270,7 +273,7 @@ def _ids_to_names(state: dict, objective: nn.Module, optimizer: torch.optim.Opti
 
 
 def wrap_for_distributed(
-    objective: Objective, cfg: Any, device: torch.device, world_size: int
+    objective: Objective, cfg: TipsConfig, device: torch.device, world_size: int
 ) -> Strategy:
     """Wrap or shard ``objective`` for ``cfg.scaling.strategy``; call before the optimizer."""
     distributed = dist.is_available() and dist.is_initialized() and world_size > 1
