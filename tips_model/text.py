@@ -1,11 +1,11 @@
 """TIPS / TIPSv2 text encoder: a bidirectional pre-LN transformer with masked mean pooling.
 
 Contract: ``TextTransformer(ids [B,T] int64, 0 = padding) -> [B,D]`` (no projection head: D
-equals the vision width, TIPS_NOTES 1.1/1.4); ``forward_tokens`` also gives the per-token
-outputs after ``ln_final`` and the padding mask.
+equals the vision width, docs/method.md, "Text encoder"); ``forward_tokens`` also gives the
+per-token outputs after ``ln_final`` and the padding mask.
 
 Semantics follow the authors' PyTorch port (google-deepmind/tips ``pytorch/text_encoder.py``;
-TIPS_NOTES 1.4 and 9.1):
+docs/method.md, "Text encoder"; docs/method.md, "Released checkpoint files"):
 
 * token embedding times sqrt(D), plus a FIXED sinusoidal signal (not a parameter):
   ``num_ts = D/2``, ``inv_ts_i = exp(-i * ln(1e4) / (num_ts - 1))``,
@@ -15,10 +15,11 @@ TIPS_NOTES 1.4 and 9.1):
   padded positions; LayerNorm eps 1e-5 (PyTorch default in the port);
 * ``ln_final``, then masked mean pooling ``sum(x * valid) / (sum(valid) + 1e-8)``.
 
-Parameter names are the released text layout (TIPS_NOTES 9.1): ``token_embedding``,
-``transformer.resblocks.{i}.attn.{in_proj_weight,in_proj_bias,out_proj}``, ``ln_1``,
-``mlp.c_fc``, ``mlp.c_proj``, ``ln_2``, ``ln_final``. Attention weights are held in
-``nn.MultiheadAttention``-compatible names but computed with ``F.scaled_dot_product_attention``.
+Parameter names are the released text layout (docs/method.md, "Released checkpoint files"):
+``token_embedding``, ``transformer.resblocks.{i}.attn.{in_proj_weight,in_proj_bias,out_proj}``,
+``ln_1``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_2``, ``ln_final``. Attention weights are held in
+``nn.MultiheadAttention``-compatible names but computed with ``F.scaled_dot_product_attention``
+(``tips_model.layers.Attention``, ``layout="in_proj"``).
 
 A sequence that is entirely padding has no valid key; the reference then yields NaN. Here such
 a row attends to all positions instead and its pooled output is 0 (all positions excluded).
@@ -37,13 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tips_model.layers import Attention
 from tips_model.registry import TEXT
 
-PAD_ID = 0  # TIPS_NOTES 2: right-padded with id 0; paddings = (ids == 0)
+PAD_ID = 0  # right-padded with id 0; paddings = (ids == 0): docs/method.md, "Tokenizer"
 
 
 def sinusoidal_positions(length: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """Fixed position signal [length, dim] (TIPS_NOTES 1.4), float32."""
+    """Fixed position signal [length, dim] (docs/method.md, "Text encoder"), float32."""
     num_ts = dim // 2
     # float32 throughout, as the reference computes it (same rounding of the increment).
     increment = torch.tensor(1e4, dtype=torch.float32, device=device).log() / max(num_ts - 1, 1)
@@ -51,33 +53,6 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device | None = No
     t = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_ts[None, :]
     signal = torch.cat([torch.sin(t), torch.cos(t)], dim=1)
     return F.pad(signal, (0, dim % 2))
-
-
-class TextAttention(nn.Module):
-    """Self-attention with ``nn.MultiheadAttention`` parameter names, computed with SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """Args: x [B,T,D]; attend [B,1,1,T] bool, True = key may be attended to."""
-        b, t, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = (
-            qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
-        )
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
 class MaskedMlp(nn.Module):
@@ -96,14 +71,14 @@ class MaskedMlp(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, eps: float):
         super().__init__()
-        self.attn = TextAttention(dim, num_heads, dropout)
+        self.attn = Attention(dim, num_heads, layout="in_proj", dropout=dropout)
         self.ln_1 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MaskedMlp(dim, mlp_dim)
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, attend: Tensor, valid: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), attend))
+        x = x + self.drop(self.attn(self.ln_1(x), attn_mask=attend))
         return x + self.drop(self.mlp(self.ln_2(x), valid))
 
 
@@ -124,7 +99,8 @@ class TextTransformer(nn.Module):
         depth: number of blocks.
         num_heads: attention heads.
         mlp_dim: MLP hidden width.
-        max_len: longest accepted sequence (the tokenizer pads to it; TIPS_NOTES 2: 64).
+        max_len: longest accepted sequence (the tokenizer pads to it; 64 in TIPS:
+            docs/method.md, "Tokenizer").
         dropout: residual and attention dropout (0 at inference; Scenic default 0.1 [open]).
         ln_eps: LayerNorm epsilon.
     """
@@ -211,7 +187,7 @@ class TextTransformer(nn.Module):
         return (x * valid).sum(dim=1) / (valid.sum(dim=1) + 1e-8)
 
 
-# ---- registered factories (TIPS_NOTES 1.4) ---------------------------------------------------
+# ---- registered factories (docs/method.md, "Text encoder") ---------------------------------
 
 _ARCHS: dict[str, dict[str, Any]] = {
     "text_s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
@@ -250,7 +226,10 @@ def text_l(**overrides: Any) -> TextTransformer:
 
 @TEXT.register("text_so400m")
 def text_so400m(**overrides: Any) -> TextTransformer:
-    """So400m: width 1152, 27 layers (not Scenic's forced 12, TIPS_NOTES 1.4), MLP 4304."""
+    """So400m: width 1152, 27 layers, MLP 4304.
+
+    Not Scenic's forced 12 layers: docs/method.md, "Text encoder".
+    """
     return _make("text_so400m", overrides)
 
 

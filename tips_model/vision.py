@@ -10,18 +10,22 @@ field (``model.input_norm``), so a checkpoint's ``config.yaml`` carries it; the 
 non-persistent buffers and never enter a state dict (released files load strictly).
 
 Layout and semantics follow the authors' PyTorch port (google-deepmind/tips
-``pytorch/image_encoder.py``; summarised in shared/TIPS_NOTES.md 1.1-1.3 and 9.1):
+``pytorch/image_encoder.py``; summarised in docs/method.md, "Vision encoder", "Two CLS tokens",
+"Position embeddings" and "Released checkpoint files"):
 
-* parameter names are exactly the released ``state_dict`` names (TIPS_NOTES 9.1), so released
-  ``*_vision.npz`` files load strictly (see ``tips_model/checkpoints.py``);
+* parameter names are exactly the released ``state_dict`` names
+  (docs/method.md, "Released checkpoint files"), so released ``*_vision.npz`` files load
+  strictly (see ``tips_model/checkpoints.py``);
 * token sequence ``[cls_token + pos_embed[:,0], register_tokens, patches + pos_embed[:,1:]]``:
   the 2nd CLS is the reference's single "register" token and gets no position embedding
-  (TIPS_NOTES 1.2). ``cls_alt`` = 1st CLS (web alt-text), ``cls_syn`` = 2nd CLS (synthetic
-  caption); the mapping to the reference's output names lives in ``checkpoints.py``;
+  (docs/method.md, "Two CLS tokens"). ``cls_alt`` = 1st CLS (web alt-text), ``cls_syn`` = 2nd
+  CLS (synthetic caption); the mapping to the reference's output names lives in
+  ``checkpoints.py``;
 * the mask token replaces masked patch embeddings before position embeddings are added;
 * the stored position grid is resized (bilinear, antialias, explicit output size, i.e.
   interpolate_offset 0, align_corners False) only when the token grid differs from it,
-  non-square grids included (TIPS_NOTES 1.3); DINOv2's bicubic + 0.1 offset is NOT used;
+  non-square grids included (docs/method.md, "Position embeddings"); DINOv2's bicubic + 0.1
+  offset is NOT used;
 * pre-LN blocks (LayerNorm eps 1e-6), qkv bias, optional LayerScale, GELU MLP or SwiGLU
   (hidden ``(int(mlp_dim*2/3)+7)//8*8``, only ViT-g), final ``norm``; no projection head.
 
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tips_model.layers import Block
 from tips_model.registry import VISION
 
 # Input normalisations by name: (mean, std) per RGB channel of pixels in [0, 1].
@@ -78,111 +83,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (names ``qkv``, ``proj``)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, value_only: bool = False) -> Tensor:
-        """Args: x [B,N,D]. ``value_only``: return ``proj(V)`` (MaskCLIP, TIPS_NOTES 10.1)."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B,H,N,hd]
-        out = v if value_only else F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2."""
-
-    def __init__(self, dim: int, hidden: int, gelu_approximate: str = "none") -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.gelu_approximate = gelu_approximate
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu_approximate))
-
-
-def swiglu_hidden_dim(mlp_hidden_dim: int) -> int:
-    """SwiGLU hidden width from the nominal MLP width (TIPS_NOTES 1.1: 6144 -> 4096)."""
-    return (int(mlp_hidden_dim * 2 / 3) + 7) // 8 * 8
-
-
-class SwiGLU(nn.Module):
-    """``w3(silu(a) * b)`` with ``[a; b] = w12(x)`` (TIPS_NOTES 1.1, ViT-g only)."""
-
-    def __init__(self, dim: int, mlp_hidden_dim: int) -> None:
-        super().__init__()
-        hidden = swiglu_hidden_dim(mlp_hidden_dim)
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
-
-
-def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Per-sample stochastic depth on a residual branch [B,...]."""
-    if rate <= 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
-    return x * keep / (1.0 - rate)
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: ``x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x))``."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_hidden_dim: int,
-        ffn: str,
-        gelu_approximate: str,
-        layerscale_init: float | None,
-        qkv_bias: bool,
-        drop_path_rate: float,
-        ln_eps: float,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
-        if ffn == "mlp":
-            self.mlp: nn.Module = Mlp(dim, mlp_hidden_dim, gelu_approximate)
-        elif ffn == "swiglu":
-            self.mlp = SwiGLU(dim, mlp_hidden_dim)
-        else:
-            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
-        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
-        self.drop_path_rate = drop_path_rate
-
-    def forward(self, x: Tensor, value_only: bool = False) -> Tensor:
-        x = x + drop_path(
-            self.ls1(self.attn(self.norm1(x), value_only)), self.drop_path_rate, self.training
-        )
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
 
 
 class VisionTransformer(nn.Module):
@@ -368,7 +268,8 @@ class VisionTransformer(nn.Module):
 
         Args:
             images: [B,3,H,W] float in [0,1].
-            indices: block indices, e.g. [2, 5, 8, 11] for the B/14 DPT head (TIPS_NOTES 9.5).
+            indices: block indices, e.g. [2, 5, 8, 11] for the B/14 DPT head
+                (docs/method.md, "Dense heads").
             norm: apply the final LayerNorm to each output.
 
         Returns:
@@ -388,7 +289,7 @@ class VisionTransformer(nn.Module):
         return [taken[i][:, 2:] for i in wanted]
 
     def forward_value_only_last(self, images: Tensor) -> Tensor:
-        """MaskCLIP "values trick" patch tokens (TIPS_NOTES 10.1).
+        """MaskCLIP "values trick" patch tokens (docs/method.md, "Evaluation protocols").
 
         All blocks but the last run normally; in the last, the attention output is replaced by
         ``proj(V)`` (LayerScale, residual and MLP branch kept), then the final norm.
@@ -406,7 +307,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 2:]
 
 
-# ---- registered factories (TIPS_NOTES 1.1) ---------------------------------------------------
+# ---- registered factories (docs/method.md, "Vision encoder") -------------------------------
 
 _ARCHS: dict[str, dict[str, Any]] = {
     "vit_s14": dict(embed_dim=384, depth=12, num_heads=6, mlp_hidden_dim=1536),

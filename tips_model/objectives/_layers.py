@@ -7,7 +7,7 @@ causal flag, and an optional cross-attention to a context sequence. Used by
 * the MUG pixel decoder (plain self-attention, as MAE's decoder) and caption decoder (causal
   self-attention + cross-attention to the image tokens, as CoCa's multimodal decoder).
 
-All attention goes through ``F.scaled_dot_product_attention`` (one path on CPU and GPU).
+The block is ``tips_model.layers.Block`` (the one attention / MLP / block of the towers too).
 Initialisation follows the vision tower: trunc_normal(0.02) Linear weights, zero biases.
 """
 
@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tips_model import layers
+
 
 def init_linear_(module: nn.Module) -> None:
     """trunc_normal(std 0.02) for every Linear weight below ``module``, zero biases."""
@@ -29,43 +31,11 @@ def init_linear_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-class Attention(nn.Module):
-    """Multi-head attention: queries from ``x``, keys/values from ``context`` (default ``x``).
+class Block(layers.Block):
+    """Pre-LN head block: ``x += attn(ln1 x)``; ``x += xattn(ln2 x, ctx)`` if cross; ``x += mlp``.
 
-    Args:
-        dim: width of ``x`` and of the output.
-        num_heads: heads; ``dim`` must divide by it.
-        context_dim: width of ``context`` (default ``dim``).
-    """
-
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-    ) -> Tensor:
-        """Args: x [B,L,D]; context [B,S,Dc] or None; attn_mask [L,S] bool (True = attend)."""
-        b, n, d = x.shape
-        ctx = x if context is None else context
-        h, hd = self.num_heads, d // self.num_heads
-        q = self.q(x).reshape(b, n, h, hd).transpose(1, 2)  # [B,h,L,hd]
-        k, v = self.kv(ctx).reshape(b, ctx.shape[1], 2, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-LN block: ``x += attn(ln1 x)``; ``x += xattn(ln2 x, context)`` if cross; ``x += mlp``.
+    ``tips_model.layers.Block`` with the heads' settings: ``q``/``kv`` attention names, GELU
+    MLP of ``mlp_ratio * dim``, LayerNorm eps 1e-6, no LayerScale, no stochastic depth.
 
     Args:
         dim: width D.
@@ -83,29 +53,14 @@ class Block(nn.Module):
         cross_attention: bool = False,
         context_dim: int | None = None,
     ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
-        self.cross = Attention(dim, num_heads, context_dim) if cross_attention else None
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-    ) -> Tensor:
-        """Args: x [B,L,D]; context [B,S,Dc] (needed iff cross); attn_mask [L,L] bool."""
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        if self.cross is not None:
-            if context is None:
-                raise ValueError("this block cross-attends: pass a context sequence")
-            x = x + self.cross(self.norm_cross(x), context)
-        return x + self.mlp(self.norm2(x))
+        super().__init__(
+            dim,
+            num_heads,
+            int(dim * mlp_ratio),
+            attn_layout="q_kv",
+            cross_attention=cross_attention,
+            context_dim=context_dim,
+        )
 
 
 def sincos_1d(coords: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
