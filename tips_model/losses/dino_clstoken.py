@@ -6,37 +6,36 @@ Contract:
     DINOLoss(K)(student_logits [S, B, K], teacher_probs [B, K]) -> scalar
     DINOLoss(K).update_center(teacher_logits [B, K])      (explicit; call once per step)
 
-TIPS (TIPS_NOTES.md §3.3): L_distill = -sum_m softmax((p_t - c)/tau_t) . log softmax(p_m/tau_s)
+TIPS (docs/method.md, "DINO CLS distillation"):
+L_distill = -sum_m softmax((p_t - c)/tau_t) . log softmax(p_m/tau_s)
 with one global crop, so only the M local crops are students (S = M) and there is no
 global<->global term. The value returned is the mean over the S crops and the B samples, the
-same normaliser DINOv2 uses per (student, teacher) pair (TIPS_NOTES.md §7.2); whether TIPS
-sums over m instead is [open], so an objective wanting the sum multiplies by S.
+same normaliser DINOv2 uses per (student, teacher) pair
+(docs/method.md, "DINO head and loss bookkeeping"); whether TIPS sums over m instead is [open],
+so an objective wanting the sum multiplies by S.
 
-Centre (TIPS_NOTES.md §6, ``dinov2/loss/dino_clstoken_loss.py``): buffer ``center [1, K]``,
-an EMA (momentum 0.9) of the batch-mean teacher logits, all-reduced across ranks. DINOv2
-defers the update to the next ``softmax_center_teacher`` call (async all-reduce); here
-``update_center`` applies it immediately, so the call order at the call site is the order of
-effects (compute targets first, then update the centre, as DINOv2 effectively does).
+Centre (docs/method.md, "Teacher EMA and schedules"; ``dinov2/loss/dino_clstoken_loss.py``):
+buffer ``center [1, K]``, an EMA (momentum 0.9) of the batch-mean teacher logits, all-reduced
+across ranks. DINOv2 defers the update to the next ``softmax_center_teacher`` call (async
+all-reduce); here ``update_center`` applies it immediately, so the call order at the call site
+is the order of effects (compute targets first, then update the centre, as DINOv2 effectively
+does).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from tips_model.losses.targets import (
-    distributed_mean,
-    ema_,
-    sinkhorn_knopp,
-    soft_cross_entropy,
-    softmax_center,
-)
+from tips_model.losses.targets import CenteredTeacherLoss, sinkhorn_knopp, soft_cross_entropy
 
 __all__ = ["DINOLoss"]
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTeacherLoss):
     """Cross-entropy of student crops against a centred, sharpened teacher distribution.
+
+    ``softmax_center_teacher(teacher_logits [B, K], tau_t)`` (``CenteredTeacherLoss``) gives
+    ``softmax((t - center) / tau_t)``; tau_t follows DINOv2's schedule 0.04 -> 0.07.
 
     Args:
         out_dim: Number of prototypes K.
@@ -44,28 +43,8 @@ class DINOLoss(nn.Module):
         student_temp: Student temperature tau_s (DINOv2: 0.1).
     """
 
-    center: torch.Tensor
-
     def __init__(self, out_dim: int, center_momentum: float = 0.9, student_temp: float = 0.1):
-        super().__init__()
-        self.center_momentum = center_momentum
-        self.student_temp = student_temp
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(
-        self, teacher_logits: torch.Tensor, teacher_temp: float
-    ) -> torch.Tensor:
-        """Teacher targets by centering and sharpening.
-
-        Args:
-            teacher_logits: ``[B, K]`` teacher head logits (global crop CLS).
-            teacher_temp: Teacher temperature tau_t (DINOv2 schedule 0.04 -> 0.07).
-
-        Returns:
-            ``[B, K]`` float32 probabilities ``softmax((t - center) / tau_t)``.
-        """
-        return softmax_center(teacher_logits, self.center, teacher_temp)
+        super().__init__((1, out_dim), center_momentum, student_temp)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -109,6 +88,4 @@ class DINOLoss(nn.Module):
         Args:
             teacher_logits: ``[B, K]`` teacher head logits of this step (all ranks call).
         """
-        batch_mean = distributed_mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]))
-        if batch_mean is not None:
-            ema_(self.center, batch_mean, self.center_momentum)
+        self._update_center_from_rows(teacher_logits.reshape(-1, teacher_logits.shape[-1]))

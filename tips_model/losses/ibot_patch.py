@@ -8,12 +8,12 @@ Contract (student logits from the *masked* global crop, teacher from the *unmask
     softmax_center_teacher / sinkhorn_knopp_teacher -> teacher_probs;  update_center(...)
 with CE_ip = -sum_k p_t log softmax(s_ip / tau_s).
 
-Sources: TIPS_NOTES.md §3.4 (L_MIM, beta = 2), §4 (DINOv2 weighting: each masked token of
-image i weighs 1/#masked_i and the sum is divided by the number of images *including* the
-unmasked ones; ``dinov2/loss/ibot_patch_loss.py forward_masked`` + ``dinov2/data/collate.py
-masks_weight``), §3.5 (iBOT++: every patch token of the masked student view, mean over
-tokens; separate masked/visible weights are [open], default 1:1). With
-``visible_weight=0`` iBOT++ reduces exactly to ``forward_masked``.
+Sources: docs/method.md, "iBOT masked image modelling" (L_MIM, beta = 2), docs/method.md, "Masking"
+(DINOv2 weighting: each masked token of image i weighs 1/#masked_i and the sum is divided by the
+number of images *including* the unmasked ones; ``dinov2/loss/ibot_patch_loss.py forward_masked`` +
+``dinov2/data/collate.py masks_weight``), docs/method.md, "TIPSv2 all-token iBOT" (iBOT++: every
+patch token of the masked student view, mean over tokens; separate masked/visible weights are
+[open], default 1:1). With ``visible_weight=0`` iBOT++ reduces exactly to ``forward_masked``.
 
 Centre: buffer ``center [1, 1, K]``, EMA (0.9) of the mean teacher patch logits over the
 tokens that are distilled (the masked ones for iBOT, all for iBOT++), all-reduced. DINOv2
@@ -29,15 +29,8 @@ already-selected masked rows ``[n_masked, K]`` (row-major order of ``masks.nonze
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from tips_model.losses.targets import (
-    distributed_mean,
-    ema_,
-    sinkhorn_knopp,
-    soft_cross_entropy,
-    softmax_center,
-)
+from tips_model.losses.targets import CenteredTeacherLoss, sinkhorn_knopp, soft_cross_entropy
 
 __all__ = ["IBOTPatchLoss"]
 
@@ -51,8 +44,11 @@ def _select_masked(x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
     return x[masks.bool()]  # [n_masked, K]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredTeacherLoss):
     """Patch-level self-distillation against a centred (or Sinkhorn) teacher.
+
+    ``softmax_center_teacher`` (``CenteredTeacherLoss``) takes ``[B, N, K]`` or ``[n, K]``
+    logits and returns float32 probabilities of the input's shape.
 
     Args:
         out_dim: Number of prototypes K of the patch head.
@@ -60,24 +56,8 @@ class IBOTPatchLoss(nn.Module):
         student_temp: Student temperature tau_s (DINOv2: 0.1).
     """
 
-    center: torch.Tensor
-
     def __init__(self, out_dim: int, center_momentum: float = 0.9, student_temp: float = 0.1):
-        super().__init__()
-        self.center_momentum = center_momentum
-        self.student_temp = student_temp
-        self.register_buffer("center", torch.zeros(1, 1, out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(
-        self, teacher_patch_logits: torch.Tensor, teacher_temp: float
-    ) -> torch.Tensor:
-        """``softmax((t - center) / tau_t)`` for ``[B, N, K]`` or ``[n, K]`` logits.
-
-        Returns:
-            Float32 probabilities of the input's shape.
-        """
-        return softmax_center(teacher_patch_logits, self.center, teacher_temp)
+        super().__init__((1, 1, out_dim), center_momentum, student_temp)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -181,6 +161,4 @@ class IBOTPatchLoss(nn.Module):
             masks: ``[B, N]`` bool to average over masked tokens only; None: all tokens. The
                 centre is left unchanged when no rank has a token to average.
         """
-        token_mean = distributed_mean(_select_masked(teacher_patch_logits, masks))
-        if token_mean is not None:
-            ema_(self.center, token_mean, self.center_momentum)
+        self._update_center_from_rows(_select_masked(teacher_patch_logits, masks))

@@ -1,7 +1,7 @@
 """Teacher targets for self-distillation and the soft cross-entropy against them.
 
-Contract (pure functions of tensors; the centre state lives in ``DINOLoss`` /
-``IBOTPatchLoss``):
+Contract (pure functions of tensors; the centre state lives in ``CenteredTeacherLoss``, the base
+of ``DINOLoss`` / ``IBOTPatchLoss``):
     softmax_center(logits [..., K], center [K], temp) -> probs [..., K]      (rows sum to 1)
     sinkhorn_knopp(logits [n, K], temp, n_iterations) -> probs [n, K]       (rows sum to 1,
         columns sum to ~n_total/K, n_total = number of rows over all ranks)
@@ -9,10 +9,10 @@ Contract (pure functions of tensors; the centre state lives in ``DINOLoss`` /
     distributed_mean(x [n, K]) -> [K] | None                                (all-reduced)
     ema_(center, value, momentum)                                           (in place)
 
-Sources: TIPS_NOTES.md §3.3 (softmax centering, Eq. quoted from the TIPS paper), §6 (centre
-momentum 0.9, Sinkhorn-Knopp with 3 iterations in the DINOv2 L/g configs); the algorithm
-follows ``dinov2/loss/dino_clstoken_loss.py`` and ``dinov2/loss/ibot_patch_loss.py``
-(SwAV-style, rows = samples, columns = prototypes).
+Sources: docs/method.md, "DINO CLS distillation" (softmax centering, Eq. quoted from the TIPS
+paper), docs/method.md, "Teacher EMA and schedules" (centre momentum 0.9, Sinkhorn-Knopp with 3
+iterations in the DINOv2 L/g configs); the algorithm follows ``dinov2/loss/dino_clstoken_loss.py``
+and ``dinov2/loss/ibot_patch_loss.py`` (SwAV-style, rows = samples, columns = prototypes).
 
 Numerics: everything is computed in float32 whatever the input dtype (bf16 autocast safe).
 Sinkhorn runs in the log domain (each normalisation is a log-sum-exp subtraction): the same
@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tips_model.losses._distributed import all_reduce_
 
@@ -35,6 +36,7 @@ __all__ = [
     "soft_cross_entropy",
     "distributed_mean",
     "ema_",
+    "CenteredTeacherLoss",
     "target_stats",
 ]
 
@@ -156,6 +158,48 @@ def ema_(center: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
         momentum: Centre momentum in [0, 1] (DINOv2: 0.9).
     """
     center.mul_(momentum).add_(value.to(center.dtype).reshape(center.shape), alpha=1 - momentum)
+
+
+class CenteredTeacherLoss(nn.Module):
+    """The teacher side ``DINOLoss`` and ``IBOTPatchLoss`` share: the centre and its targets.
+
+    Holds the ``center`` buffer (zeros of ``center_shape``, ``[1, K]`` or ``[1, 1, K]``), the
+    student temperature, centred-softmax targets and the EMA update of the centre from
+    the all-reduced mean of the teacher rows that are distilled.
+
+    Args:
+        center_shape: Shape of the centre buffer (last dimension K).
+        center_momentum: EMA momentum of the centre (DINOv2: 0.9).
+        student_temp: Student temperature tau_s (DINOv2: 0.1).
+    """
+
+    center: torch.Tensor
+
+    def __init__(
+        self, center_shape: tuple[int, ...], center_momentum: float, student_temp: float
+    ) -> None:
+        super().__init__()
+        self.center_momentum = center_momentum
+        self.student_temp = student_temp
+        self.register_buffer("center", torch.zeros(center_shape))
+
+    @torch.no_grad()
+    def softmax_center_teacher(
+        self, teacher_logits: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
+        """``softmax((t - center) / tau_t)`` (float32, the input's shape)."""
+        return softmax_center(teacher_logits, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def _update_center_from_rows(self, rows: torch.Tensor) -> None:
+        """``c <- m c + (1 - m) mean(rows over all ranks)``; unchanged when no rank has a row.
+
+        Args:
+            rows: ``[n, K]`` teacher logits of this rank (every rank calls).
+        """
+        row_mean = distributed_mean(rows)
+        if row_mean is not None:
+            ema_(self.center, row_mean, self.center_momentum)
 
 
 @torch.no_grad()
