@@ -8,7 +8,7 @@ knows this contract:
     out.loss.backward(); optimizer.step()   # the loop, never the objective, calls backward
     objective.update_teacher(momentum)      # explicit EMA / centre updates after the step
 
-``batch`` follows the batch contract in shared/DESIGN.md (uint8 pixels, int64 token ids);
+``batch`` follows docs/design.md, "Batch contract" (uint8 pixels, int64 token ids);
 objectives convert pixels to float in [0, 1] themselves, on the device.
 
 Config dataclasses for the model and for each objective live next to the code that reads
@@ -18,7 +18,9 @@ the orchestrator; ``orchestrator/config.py`` assembles them into the run schema.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,17 +32,20 @@ from tips_model.registry import OBJECTIVES
 class ModelConfig:
     """Encoders and tokenizer. Names go through the registries in ``tips_model.registry``."""
 
-    vision: str = "vit_b14"  # registered vision factory (TIPS_NOTES 1.1)
-    text: str = "text_b"  # registered text factory (TIPS_NOTES 1.4)
+    vision: str = "vit_b14"  # registered vision factory (docs/method.md, "Vision encoder")
+    text: str = "text_b"  # registered text factory (docs/method.md, "Text encoder")
     img_size: int | None = None  # native size of the stored pos grid: v1 224 (16x16), v2 448
     tokenizer: str = "bpe"  # "bpe" (bundled with open_clip, offline) | "sentencepiece"
     tokenizer_path: str | None = None  # the released tokenizer.model for "sentencepiece"
-    max_text_len: int = 64  # TIPS_NOTES 2: 64 tokens, right-padded with 0
+    max_text_len: int = 64  # 64 tokens, right-padded with 0 (docs/method.md, "Tokenizer")
     drop_path_rate: float = 0.0  # stochastic depth in the vision tower [open]; DINOv2 uses 0.3-0.4
-    layerscale_init: float | None = None  # None: no LayerScale, as the released Scenic arch (1.1)
+    # None: no LayerScale, as the released Scenic architecture (docs/method.md, "Vision encoder")
+    layerscale_init: float | None = None
     grad_checkpointing: bool = False  # recompute blocks in backward to save activation memory
-    temperature_init: float = 0.07  # CLIP's initial temperature [open]; released ends ~0.005 (1.5)
-    learn_temperature: bool = True  # TIPS_NOTES 1.5: a learned scalar, divided by
+    # CLIP's initial temperature [open]; the released ones end near 0.005; a learned scalar
+    # that divides the cosine (docs/method.md, "Similarity and temperature")
+    temperature_init: float = 0.07
+    learn_temperature: bool = True  # a learned scalar, divided by
     # What the vision tower does to [0, 1] pixels (tips_model.vision.INPUT_NORMS): "none" is
     # the released TIPS contract (docs/method.md "Input pixels"); "imagenet" is DINOv2's and
     # what the tiny recipes need for self-distillation to learn (docs/method.md, section
@@ -64,6 +69,37 @@ def build_vision_tower(model_cfg: ModelConfig) -> nn.Module:
     if model_cfg.grad_checkpointing:
         vision.set_grad_checkpointing(True)
     return vision
+
+
+def build_towers(
+    model_cfg: ModelConfig, vocab_size: int, why_same_width: str
+) -> tuple[nn.Module, nn.Module]:
+    """The vision and text towers of a two-tower objective (TIPS, CLOC), of one width D.
+
+    ``model.grad_checkpointing`` applies to the blocks of both towers.
+
+    Args:
+        model_cfg: encoders, tokenizer length, checkpointing.
+        vocab_size: the tokenizer's vocabulary.
+        why_same_width: the end of the error raised when the widths differ.
+
+    Returns:
+        ``(vision, text)``.
+    """
+    from tips_model.text import build_text
+
+    vision = build_vision_tower(model_cfg)
+    text = build_text(model_cfg.text, vocab_size=vocab_size, max_len=model_cfg.max_text_len)
+    d = vision.embed_dim
+    text_width = text.token_embedding.weight.shape[1]
+    if text_width != d:
+        raise ValueError(
+            f"model.text={model_cfg.text} has width {text_width} but model.vision="
+            f"{model_cfg.vision} has {d}: {why_same_width}"
+        )
+    if model_cfg.grad_checkpointing:
+        text.set_grad_checkpointing(True)
+    return vision, text
 
 
 @dataclass(frozen=True)
@@ -94,13 +130,25 @@ class ObjectiveOutput:
 class Objective(nn.Module):
     """Base class for objectives: a thin nn.Module with the contract's hooks.
 
-    Subclasses set ``student`` (trained, wrapped for DDP/FSDP by the loop) and ``teacher``
-    (frozen EMA side or None) and implement ``forward``, ``required_batch_keys`` and
-    ``update_teacher``.
+    Subclasses set ``student`` (trained, wrapped for DDP/FSDP by the loop through
+    ``wrap_student``, called in ``forward`` through ``run_student``) and ``teacher`` (frozen EMA
+    side or None) and implement ``forward``, ``required_batch_keys`` and ``update_teacher``.
     """
 
     student: nn.Module
     teacher: nn.Module | None
+    # ``[wrap(student)]`` once the loop called ``wrap_student``: a list, so that the wrapper
+    # is no registered submodule and state dicts keep clean names (docs/design-changes.md 2).
+    _runner: list[nn.Module] | None = None
+
+    def wrap_student(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the student through ``wrap(student)`` (e.g. DDP); parameters stay shared."""
+        self._runner = [wrap(self.student)]
+
+    def run_student(self, *args: Any, **kwargs: Any) -> Any:
+        """The student's forward, through the ``wrap_student`` wrapper once there is one."""
+        runner = self._runner[0] if self._runner else self.student
+        return runner(*args, **kwargs)
 
     def required_batch_keys(self) -> set[str]:
         """Batch keys this objective reads; the data pipeline makes only these."""

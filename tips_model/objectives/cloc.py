@@ -1,7 +1,8 @@
 """CLOC objective: CLIP + region-text contrastive + box grounding through a Prompter.
 
 Chen et al., "Contrastive Localized Language-Image Pre-Training", ICML 2025, arXiv 2410.02746
-(TIPS_NOTES 11; sources and the verified / fallback status of every knob in cloc_config.py).
+(docs/method.md, "CLOC"; sources and the verified / fallback status of every knob in
+cloc_config.py).
 
     L = sum_c NCE(cls_c, caption_c)                               (L_CLIP, c in alt / syn)
         + lambda * ( w_rt * NCE_regions(Prompter(tokens, box_r), Text(region caption_r))
@@ -32,7 +33,6 @@ float32 xyxy in [0,1], region_ids [B,R,T] int64, region_valid [B,R] bool.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,13 +52,12 @@ from tips_model.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
-    build_vision_tower,
+    build_towers,
     images_to_float,
 )
 from tips_model.objectives.cloc_config import ClocObjectiveConfig
 from tips_model.objectives.tips import Temperature
 from tips_model.registry import OBJECTIVES
-from tips_model.text import build_text
 from tips_model.vision import EncoderOutput
 
 REGION_KEYS = ("regions", "region_ids", "region_valid")
@@ -158,20 +157,11 @@ class ClocStudent(nn.Module):
     def __init__(self, cfg: ClocObjectiveConfig, model_cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.vision = build_vision_tower(model_cfg)
-        self.vision.mask_token.requires_grad_(False)  # never used without iBOT masking
-        self.text = build_text(
-            model_cfg.text, vocab_size=vocab_size, max_len=model_cfg.max_text_len
+        self.vision, self.text = build_towers(
+            model_cfg, vocab_size, "the towers share one embedding space"
         )
+        self.vision.mask_token.requires_grad_(False)  # never used without iBOT masking
         d = self.vision.embed_dim
-        text_width = self.text.token_embedding.weight.shape[1]
-        if text_width != d:
-            raise ValueError(
-                f"model.text={model_cfg.text} has width {text_width} but model.vision="
-                f"{model_cfg.vision} has {d}: the towers share one embedding space"
-            )
-        if model_cfg.grad_checkpointing:
-            self.text.set_grad_checkpointing(True)
         self.temperature = Temperature(model_cfg.temperature_init, model_cfg.learn_temperature)
         self.region_temperature = (
             None
@@ -265,11 +255,6 @@ class ClocObjective(Objective):
         self.cfg = cfg
         self.student = ClocStudent(cfg, model_cfg, vocab_size)
         self.teacher = None
-        self._runner: list[nn.Module] = [self.student]  # a list: not a registered submodule
-
-    def wrap_student(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Run the student through ``wrap(student)`` (e.g. DDP); parameters stay shared."""
-        self._runner = [wrap(self.student)]
 
     def required_batch_keys(self) -> set[str]:
         keys = {"global_crops"}
@@ -293,7 +278,7 @@ class ClocObjective(Objective):
             region_ids = batch["region_ids"]  # [B,R,T]
             valid = batch["region_valid"].bool().flatten()  # [B*R]
         # 2. student
-        s = self._runner[0](
+        s = self.run_student(
             images,
             batch["alt_ids"] if use_alt else None,
             batch["syn_ids"] if use_syn else None,

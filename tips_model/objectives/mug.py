@@ -1,4 +1,4 @@
-"""MUG objective: masked image reconstruction + caption generation (TIPS_NOTES 12).
+"""MUG objective: masked image reconstruction + caption generation (docs/method.md, "MUG").
 
 Zhao et al., "Vision Learners Meet Web Image-Text Pairs" (MUlti-modal Generator), TMLR 2024,
 arXiv 2301.07088. Purely generative: no contrastive term, no EMA teacher, no multi-crop.
@@ -29,7 +29,6 @@ alt_ids or syn_ids [B,T] int64 (``objective.caption``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -225,11 +224,6 @@ class MugObjective(Objective):
         self.cfg = cfg
         self.student = MugStudent(cfg, model_cfg, vocab_size)
         self.teacher = None
-        self._runner: list[nn.Module] = [self.student]  # a list: not a registered submodule
-
-    def wrap_student(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Run the student through ``wrap(student)`` (e.g. DDP); parameters stay shared."""
-        self._runner = [wrap(self.student)]
 
     def required_batch_keys(self) -> set[str]:
         keys = {"global_crops"}
@@ -257,7 +251,7 @@ class MugObjective(Objective):
         if cfg.caption_weight > 0:
             caption_ids = batch[f"{cfg.caption}_ids"].repeat_interleave(g, dim=0)  # [B*G,T]
         # 2. student: encoder on visible patches, pixel and caption decoders
-        s = self._runner[0](images, ids_keep, ids_restore, caption_ids)
+        s = self.run_student(images, ids_keep, ids_restore, caption_ids)
         # 3. losses
         losses: dict[str, Tensor] = {}
         total = images.new_zeros(())

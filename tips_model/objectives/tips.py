@@ -1,26 +1,30 @@
 """TIPS and TIPSv2 objectives: dual-CLS contrastive + DINO self-distillation + iBOT / iBOT++.
 
     L = w_alt * NCE(cls_alt, alt_text) + w_syn * NCE(cls_syn, synthetic caption)
-        + alpha * L_dino + beta * L_mim + koleo_weight * L_koleo           (TIPS_NOTES 3.1)
+        + alpha * L_dino + beta * L_mim + koleo_weight * L_koleo
 
-* Contrastive (3.2): symmetric InfoNCE, one learned temperature (divide), negatives gathered
-  across workers; CLS-alt pairs with the web alt-text, CLS-syn with the sampled synthetic
-  caption; one shared text tower.
-* Distillation (3.3): the teacher sees the unmasked global crop(s); students are the M local
-  crops and the other global crops (with TIPS's single global crop: only the M locals).
-* MIM (3.4, 3.5): the student sees the global crops with masked patches replaced by the mask
-  token; ``mim_tokens="masked"`` is iBOT (TIPS), ``"all"`` is iBOT++ (TIPSv2).
-* Teacher (6): ``full_ema`` keeps an EMA copy of backbone and heads (TIPS);
-  ``head_ema`` runs the student backbone under no_grad and keeps EMA heads only (TIPSv2).
+(docs/method.md, "Loss weights")
 
-Batch keys (DESIGN.md): global_crops [B,G,3,H,W] u8, local_crops [B,M,3,h,w] u8,
-masks [B,G,h',w'] bool, alt_ids [B,T] i64, syn_ids [B,T] i64.
+* Contrastive (docs/method.md, "Dual-caption contrastive loss"): symmetric InfoNCE, one learned
+  temperature (divide), negatives gathered across workers; CLS-alt pairs with the web alt-text,
+  CLS-syn with the sampled synthetic caption; one shared text tower.
+* Distillation (docs/method.md, "DINO CLS distillation"): the teacher sees the unmasked global
+  crop(s); students are the M local crops and the other global crops (with TIPS's single global
+  crop: only the M locals).
+* MIM (docs/method.md, "iBOT masked image modelling"; docs/method.md, "TIPSv2 all-token iBOT"):
+  the student sees the global crops with masked patches replaced by the mask token;
+  ``mim_tokens="masked"`` is iBOT (TIPS), ``"all"`` is iBOT++ (TIPSv2).
+* Teacher (docs/method.md, "Teacher EMA and schedules"): ``full_ema`` keeps an EMA copy of
+  backbone and heads (TIPS); ``head_ema`` runs the student backbone under no_grad and keeps EMA
+  heads only (TIPSv2).
+
+Batch keys (docs/design.md, "Batch contract"): global_crops [B,G,3,H,W] u8, local_crops
+[B,M,3,h,w] u8, masks [B,G,h',w'] bool, alt_ids [B,T] i64, syn_ids [B,T] i64.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +46,11 @@ from tips_model.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
-    build_vision_tower,
+    build_towers,
     images_to_float,
 )
 from tips_model.objectives.tips_config import TipsObjectiveConfig, TipsV2ObjectiveConfig
 from tips_model.registry import OBJECTIVES
-from tips_model.text import build_text
 from tips_model.vision import EncoderOutput
 
 
@@ -79,17 +82,10 @@ class TipsStudent(nn.Module):
     def __init__(self, cfg: TipsObjectiveConfig, model_cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.vision = build_vision_tower(model_cfg)
-        self.text = build_text(
-            model_cfg.text, vocab_size=vocab_size, max_len=model_cfg.max_text_len
+        self.vision, self.text = build_towers(
+            model_cfg, vocab_size, 'TIPS has no projection head (docs/method.md, "Vision encoder")'
         )
         d = self.vision.embed_dim
-        text_width = self.text.token_embedding.weight.shape[1]
-        if text_width != d:
-            raise ValueError(
-                f"model.text={model_cfg.text} has width {text_width} but model.vision="
-                f"{model_cfg.vision} has {d}: TIPS has no projection head (TIPS_NOTES 1.1)"
-            )
         self.temperature = Temperature(model_cfg.temperature_init, model_cfg.learn_temperature)
         head_kw = dict(
             in_dim=d,
@@ -170,13 +166,8 @@ class TipsObjective(Objective):
         self.ibot_loss = IBOTPatchLoss(
             k, center_momentum=cfg.center_momentum, student_temp=cfg.student_temp
         )
-        self._runner: list[nn.Module] = [self.student]  # a list: not a registered submodule
 
     # ------------------------------------------------------------------ loop hooks
-    def wrap_student(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Run the student through ``wrap(student)`` (e.g. DDP); parameters stay shared."""
-        self._runner = [wrap(self.student)]
-
     def shard_units(self) -> list[str]:
         """Blocks, then both towers and the heads: the loss calls the heads, and head-only EMA
         the student's vision tower, outside the student's ``forward``."""
@@ -258,7 +249,7 @@ class TipsObjective(Objective):
             global_imgs, step.teacher_temp, masks
         )
         # 3. student
-        s = self._runner[0](global_imgs, masks, local_imgs, batch["alt_ids"], batch["syn_ids"], g)
+        s = self.run_student(global_imgs, masks, local_imgs, batch["alt_ids"], batch["syn_ids"], g)
         # 4. contrastive, dual CLS
         losses: dict[str, torch.Tensor] = {}
         losses["contrastive_alt"] = contrastive_loss(
