@@ -95,8 +95,11 @@ def mlflow_tracking_uri(cfg: TipsConfig) -> str:
     return f"sqlite:///{Path(cfg.run.storage_uri).resolve() / 'mlflow.db'}"
 
 
-def loop_settings(cfg: TipsConfig, run_name: str, run_uri: str) -> dict[str, Any]:
-    """What the loop needs to open the loggers (plain values: it crosses into Ray)."""
+def loop_settings(
+    cfg: TipsConfig, run_name: str, run_uri: str, default_experiment: str = DEFAULT_EXPERIMENT
+) -> dict[str, Any]:
+    """What the loop needs to open the loggers (plain values: it crosses into Ray); the
+    experiment is ``run.experiment``, else ``default_experiment`` (tips tune: the sweep)."""
     r = cfg.run
     names = active_backends(cfg)
     local = "://" not in run_uri
@@ -104,7 +107,7 @@ def loop_settings(cfg: TipsConfig, run_name: str, run_uri: str) -> dict[str, Any
         "backends": names,
         "run_name": run_name,
         "state_uri": f"{run_uri.rstrip('/')}/{STATE_FILE}",
-        "experiment": r.experiment or DEFAULT_EXPERIMENT,
+        "experiment": r.experiment or default_experiment,
         "tensorboard_dir": str(Path(run_uri) / "tensorboard") if local else None,
         "tags": {},  # extra tags (tips tune: sweep, trial id, swept values)
     }

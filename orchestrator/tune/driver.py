@@ -111,19 +111,27 @@ def _log_incarnation(record: dict[str, Any]) -> None:
         logger.warning("could not record the trial start: %s", e)
 
 
-def trial_loggers(cfg: Any, trial_id: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def trial_loggers(
+    cfg: config_lib.TipsConfig,
+    trial_id: str,
+    name: str,
+    overrides: dict[str, Any],
+    sweep_uri: str,
+) -> dict[str, Any]:
     """The trial's tracker settings (``orchestrator/train/loggers.py``): one MLflow / W&B
-    run per trial, named ``trial-<id>`` and kept in the first incarnation's run directory,
-    so a PBT exploit continues it; the sweep, trial id and swept values as tags."""
+    run per trial, named ``trial-<id>`` and kept in the first incarnation's run directory
+    (a PBT exploit continues it), in the experiment named after the sweep unless
+    ``run.experiment`` is set; the sweep, trial id and swept values as tags."""
     from orchestrator.storage import join_uri
     from orchestrator.train.driver import run_uri
     from orchestrator.train.loggers import STATE_FILE, loop_settings
 
-    settings = loop_settings(cfg, name, run_uri(cfg, name))
+    sweep = sweep_uri.rstrip("/").rsplit("/", 1)[-1]
+    settings = loop_settings(cfg, name, run_uri(cfg, name), default_experiment=sweep)
     first = incarnation_name(trial_id, None)
     settings["run_name"] = first
     settings["state_uri"] = join_uri(run_uri(cfg, first), STATE_FILE)
-    settings["tags"] = {"sweep": cfg.run.experiment, "trial_id": trial_id, **overrides}
+    settings["tags"] = {"sweep": sweep, "trial_id": trial_id, **overrides}
     return settings
 
 
@@ -151,8 +159,6 @@ def trial_driver(
     name = incarnation_name(trial_id, donor)
     extra["run.name"] = name
     cfg = trial_config(base, overrides)
-    if cfg.run.experiment is None:  # trackers: one experiment per sweep, one run per trial
-        extra["run.experiment"] = sweep_uri.rstrip("/").rsplit("/", 1)[-1]
     if keep_all_checkpoints:  # PBT may exploit any reported checkpoint (RAY_NOTES 2.4, 5.)
         t = cfg.train
         extra["run.num_checkpoints_to_keep"] = t.total_steps // t.checkpoint_every_steps + 2
@@ -164,12 +170,9 @@ def trial_driver(
 
     relay = Queue(actor_options={"num_cpus": 0})
     scheme = "s3://" if is_s3(cfg.run.storage_uri) else ""
-    trainer = build_trainer(
-        cfg,
-        name=name,
-        callbacks=[RelayCallback(relay, scheme)],
-        extra_loop_config={"loggers": trial_loggers(cfg, trial_id, name, overrides)},
-    )
+    callbacks = [RelayCallback(relay, scheme)]
+    tracking = {"loggers": trial_loggers(cfg, trial_id, name, overrides, sweep_uri)}
+    trainer = build_trainer(cfg, name=name, callbacks=callbacks, extra_loop_config=tracking)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

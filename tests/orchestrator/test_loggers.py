@@ -279,13 +279,17 @@ def test_wandb_offline_writes_config_and_rows_and_resumes_the_same_id(
 def test_a_tune_trial_is_one_tracker_run_under_the_sweep(data_cfg, synth_data, tmp_path):
     from orchestrator.tune.driver import trial_loggers
 
-    cfg = _cfg(data_cfg, synth_data, tmp_path, "run.loggers=[mlflow]", "run.experiment=sw1",
-               "run.mlflow_tracking_uri=http://127.0.0.1:1")  # fmt: skip
-    settings = trial_loggers(cfg, "abc_00001", "trial-abc_00001-1234abcd", {"objective.alpha": 0.5})
-    assert settings["run_name"] == "trial-abc_00001"  # every incarnation (PBT) continues it
+    overrides = ["run.loggers=[mlflow,wandb]", "run.mlflow_tracking_uri=http://127.0.0.1:1"]
+    cfg = _cfg(data_cfg, synth_data, tmp_path, *overrides)
+    trial, incarnation = "abc_00001", "trial-abc_00001-1234abcd"  # a PBT exploit's run
+    swept = {"objective.alpha": 0.5}
+    settings = trial_loggers(cfg, trial, incarnation, swept, str(tmp_path / "sweeps" / "sw1"))
+    assert settings["run_name"] == "trial-abc_00001"  # every incarnation continues it
     assert settings["state_uri"] == f"{tmp_path / 'runs'}/trial-abc_00001/{STATE_FILE}"
-    assert settings["experiment"] == "sw1"
-    assert settings["tags"] == {"sweep": "sw1", "trial_id": "abc_00001", "objective.alpha": 0.5}
+    assert settings["experiment"] == "sw1" and settings["wandb_project"] == "sw1"
+    assert settings["tags"] == {"sweep": "sw1", "trial_id": trial, "objective.alpha": 0.5}
+    named = _cfg(data_cfg, synth_data, tmp_path, *overrides, "run.experiment=mine")
+    assert trial_loggers(named, trial, incarnation, swept, "s3://b/sw1")["experiment"] == "mine"
 
 
 # --------------------------------------------------------------------------- a real run
