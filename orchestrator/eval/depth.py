@@ -1,43 +1,31 @@
-"""Monocular depth linear probe on frozen features ("NYU depth RMSE" in TIPS_NOTES 10.2).
+"""Monocular depth linear probe on frozen features (TIPS's "NYU depth RMSE").
+
+The published numbers: docs/method.md, "Published numbers".
 
 Protocol (DINOv2 depth "lin. 1", Oquab et al. 2023 §7.4, see ``probe.py``): last-layer
 patch tokens with the CLS token concatenated to each, BatchNorm + 1x1 conv to
 ``depth_bins`` bins spread uniformly over the dataset's depth range (256 bins over
-[0.001, 10] m for NYU, as the TIPS DPT depth head, TIPS_NOTES 9.5); depth = the bins'
-softmax-weighted mean per patch (softmax instead of DINOv2's ReLU-normalisation: it cannot
-collapse to all-zero weights on a short budget), then upsampled bilinearly (the depth map,
-not the bin logits: 256x cheaper, and the same map where depth is smooth); trained with
-the scale-invariant log loss (Eigen et al. 2014, variance focus 0.85 as in BTS / DINOv2) on
-valid pixels. On "val" the prediction is upsampled bilinearly to the ground truth's size
+[0.001, 10] m for NYU, as the TIPS DPT depth head, docs/method.md, "Dense heads"); depth =
+the bins' softmax-weighted mean per patch (softmax instead of DINOv2's ReLU-normalisation:
+it cannot collapse to all-zero weights on a short budget), then upsampled bilinearly (the
+depth map, not the bin logits: 256x cheaper, and the same map where depth is smooth);
+trained with the scale-invariant log loss (Eigen et al. 2014, variance focus 0.85 as in BTS /
+DINOv2) on valid pixels. On "val" the prediction is upsampled bilinearly to the ground truth's size
 and RMSE, abs-rel and delta < 1.25^i are averaged over images (``metrics.depth_metrics``).
 No Eigen border crop.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from orchestrator.eval.loader import Encoders
 from orchestrator.eval.metrics import MeanMeter, depth_metrics
 from orchestrator.eval.options import EvalOptions
-from orchestrator.eval.probe import (
-    LinearHead,
-    cache_features,
-    dense_features,
-    train_head,
-    upsample,
-)
+from orchestrator.eval.probe import DenseTask, run_dense_probe, upsample
 from orchestrator.eval.readers.base import EvalDataset, ReaderError
 from orchestrator.eval.result import EvalResult
-from orchestrator.eval.runtime import (
-    index_batches,
-    model_device,
-    native_size,
-    progress,
-    resize,
-    to_tensor,
-)
-from orchestrator.eval.zero_shot_seg import group_by_shape
 
 TASK = "depth"
 KIND = "depth"
@@ -75,66 +63,34 @@ def run(enc: Encoders, data: EvalDataset, opts: EvalOptions) -> EvalResult:
     """
     if not data.has_split("train"):
         raise ReaderError(f"{data.root or data.name}: the depth probe needs a train split")
-    train = data.split("train").limit(opts.max_train_images)
-    val = data.split("val", "test").limit(opts.max_images)
     lo, hi = data.depth_range
-    vision, device = enc.vision, model_device(enc.vision)
-    size = opts.image_size or native_size(vision)
     centres = torch.linspace(lo, hi, opts.depth_bins)
-    # 1. frozen features of the train split
-    feats, targets = cache_features(
-        vision,
-        train,
-        size,
-        opts.batch_size,
-        train.depth,
-        with_cls=True,
-        desc="depth-train",
-        show_progress=opts.progress,
-    )
+    meter = MeanMeter()
 
-    def loss_fn(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    def loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         pred = upsample(bins_to_depth(logits, centres)[:, None], gt.shape[-2:])[:, 0]
         return silog_loss(pred, gt, (gt > lo) & (gt <= hi))
 
-    # 2. the head, on a fixed budget
-    torch.manual_seed(opts.seed)
-    head = LinearHead(feats.shape[1], opts.depth_bins).to(device)
-    losses = train_head(
-        head,
-        feats,
-        targets,
-        loss_fn,
-        opts.probe_steps,
-        opts.probe_lr,
-        opts.probe_batch_size,
-        opts.seed,
+    def predict(logits: torch.Tensor, hw: tuple[int, ...]) -> torch.Tensor:
+        return upsample(bins_to_depth(logits, centres)[:, None], hw)[:, 0]
+
+    def score(pred: torch.Tensor, truth: np.ndarray) -> None:
+        m = depth_metrics(pred, torch.from_numpy(truth), lo, hi)
+        if m is not None:
+            meter.add(m)
+
+    task = DenseTask(
+        TASK,
+        KIND,
+        "depth",
+        opts.depth_bins,
+        with_cls=True,
+        loss=loss,
+        predict=predict,
+        score=score,
+        example_extra={"depth_range": (lo, hi)},
     )
-    # 3. per-image errors on val at the ground truth's resolution
-    meter, examples = MeanMeter(), []
-    with progress(len(val), TASK, opts.progress) as bar, torch.no_grad():
-        for idx in index_batches(len(val), opts.batch_size):
-            items = [(i, val.image(i), val.depth(i)) for i in idx]
-            for group in group_by_shape(items):
-                x = torch.stack([resize(to_tensor(items[p][1]), (size, size)) for p in group])
-                logits = head(dense_features(vision, x.to(device), with_cls=True))
-                hw = tuple(items[group[0]][2].shape)
-                pred = upsample(bins_to_depth(logits, centres)[:, None], hw)[:, 0].cpu()
-                for j, p in enumerate(group):
-                    m = depth_metrics(pred[j], torch.from_numpy(items[p][2]), lo, hi)
-                    if m is not None:
-                        meter.add(m)
-                    if len(examples) < opts.plot_images:
-                        examples.append(
-                            {
-                                "image": items[p][1],
-                                "truth": items[p][2],
-                                "pred": pred[j].numpy(),
-                                "kind": "depth",
-                                "depth_range": (lo, hi),
-                            }
-                        )
-            bar.update(len(idx))
+    probe = run_dense_probe(enc.vision, data, opts, task)
     metrics = meter.means() or {
         k: float("nan") for k in ("rmse", "abs_rel", "delta1", "delta2", "delta3")
     }
@@ -142,15 +98,15 @@ def run(enc: Encoders, data: EvalDataset, opts: EvalOptions) -> EvalResult:
         TASK,
         data.name,
         metrics,
-        len(val),
+        probe.val_images,
         extra={
-            "image_size": size,
-            "train_images": len(train),
+            "image_size": probe.image_size,
+            "train_images": probe.train_images,
             "bins": opts.depth_bins,
             "depth_range": [lo, hi],
             "probe_steps": opts.probe_steps,
-            "final_train_loss": losses[-1] if losses else None,
+            "final_train_loss": probe.final_train_loss,
             "images_with_valid_depth": meter.count,
         },
-        examples=examples,
+        examples=probe.examples,
     )

@@ -1,5 +1,8 @@
 """Linear probes on frozen patch tokens, shared by ``linear_seg`` and ``depth``.
 
+``run_dense_probe`` is the whole probe (cache train features, fit the head, predict and score
+val); a task passes only its parts (target, loss, prediction, metrics) as a ``DenseTask``.
+
 Protocol (DINOv2 "linear" dense evaluation, Oquab et al. 2023 §7.3 / its
 ``eval/segmentation`` linear head): the backbone is frozen; images are resized to S x S;
 the last layer's normalised patch tokens (optionally with the CLS token concatenated to
@@ -8,28 +11,34 @@ prediction is upsampled bilinearly to the target's resolution before the loss an
 the metric (each task's loss does the upsampling: ``upsample``).
 Train-split features are computed once and cached on the CPU in fp16 (N x D x h x w), so a
 probe costs one backbone pass per image plus ``probe_steps`` cheap head steps (AdamW,
-cosine to 0, seeded batches). TIPS's exact probe settings are [open] (TIPS_NOTES 10.1, 13.10).
+cosine to 0, seeded batches). TIPS's exact probe settings are [open]
+(docs/method.md, "Open questions", item 10).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.eval.readers.base import Split
+from orchestrator.eval.options import EvalOptions
+from orchestrator.eval.readers.base import EvalDataset, Split
 from orchestrator.eval.runtime import (
     autocast,
     index_batches,
     model_device,
+    native_size,
     progress,
     resize,
     to_tensor,
 )
+from orchestrator.eval.zero_shot_seg import group_by_shape
 
 
 class LinearHead(nn.Module):
@@ -152,3 +161,113 @@ def train_head(
         losses.append(float(loss.detach()))
     head.eval()
     return losses
+
+
+@dataclass
+class DenseTask:
+    """What a dense probe task adds to the shared skeleton (``run_dense_probe``).
+
+    Attributes:
+        name: task name (progress bars: ``{name}-train`` while caching, ``name`` on val).
+        kind: the plot kind of its examples ("segmentation", "depth").
+        target: the ``Split`` method giving image i's [H, W] target ("mask", "depth").
+        out_dim: head outputs K per patch (classes, depth bins).
+        with_cls: concatenate the CLS token to every patch feature.
+        loss: (head output [B, K, h, w], S x S targets [B, S, S]) -> scalar; it upsamples.
+        predict: (head output [B, K, h, w], target size (H, W)) -> [B, H, W] prediction.
+        score: (prediction [H, W] on the CPU, target [H, W]) -> None; accumulates metrics.
+        example_extra: extra keys of every plotted example.
+    """
+
+    name: str
+    kind: str
+    target: str
+    out_dim: int
+    with_cls: bool
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    predict: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
+    score: Callable[[torch.Tensor, np.ndarray], None]
+    example_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProbeRun:
+    """What ``run_dense_probe`` did: sizes, the training losses, examples for plots."""
+
+    image_size: int
+    train_images: int
+    val_images: int
+    losses: list[float]
+    examples: list[dict[str, Any]]
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+def run_dense_probe(
+    vision: nn.Module, data: EvalDataset, opts: EvalOptions, task: DenseTask
+) -> ProbeRun:
+    """Cache "train" features, fit a ``LinearHead``, then predict and score "val" images.
+
+    Every val image is scored at its target's own resolution (images of one shape share a
+    forward pass); the first ``opts.plot_images`` become examples.
+
+    Args:
+        vision: the frozen vision tower.
+        data: a dataset with "train" and "val" (or "test") splits.
+        opts: image size, probe budget, image caps, seed, progress.
+        task: the task-specific parts.
+    """
+    train = data.split("train").limit(opts.max_train_images)
+    val = data.split("val", "test").limit(opts.max_images)
+    device = model_device(vision)
+    size = opts.image_size or native_size(vision)
+    # 1. frozen features of the train split
+    feats, targets = cache_features(
+        vision,
+        train,
+        size,
+        opts.batch_size,
+        getattr(train, task.target),
+        with_cls=task.with_cls,
+        desc=f"{task.name}-train",
+        show_progress=opts.progress,
+    )
+    # 2. the head, on a fixed budget
+    torch.manual_seed(opts.seed)
+    head = LinearHead(feats.shape[1], task.out_dim).to(device)
+    losses = train_head(
+        head,
+        feats,
+        targets,
+        task.loss,
+        opts.probe_steps,
+        opts.probe_lr,
+        opts.probe_batch_size,
+        opts.seed,
+    )
+    # 3. predictions on val at each target's resolution
+    examples: list[dict[str, Any]] = []
+    val_target = getattr(val, task.target)
+    with progress(len(val), task.name, opts.progress) as bar, torch.no_grad():
+        for idx in index_batches(len(val), opts.batch_size):
+            items = [(i, val.image(i), val_target(i)) for i in idx]
+            for group in group_by_shape(items):
+                x = torch.stack([resize(to_tensor(items[p][1]), (size, size)) for p in group])
+                logits = head(dense_features(vision, x.to(device), with_cls=task.with_cls))
+                pred = task.predict(logits, tuple(items[group[0]][2].shape)).cpu()
+                for j, p in enumerate(group):
+                    task.score(pred[j], items[p][2])
+                    if len(examples) < opts.plot_images:
+                        examples.append(
+                            {
+                                "image": items[p][1],
+                                "truth": items[p][2],
+                                "pred": pred[j].numpy(),
+                                "kind": task.kind,
+                                **task.example_extra,
+                            }
+                        )
+            bar.update(len(idx))
+    return ProbeRun(size, len(train), len(val), losses, examples)
