@@ -1,4 +1,6 @@
-"""Region-level losses for CLOC (TIPS_NOTES 11): padded region-text InfoNCE and box losses.
+"""Region-level losses for CLOC: padded region-text InfoNCE and box losses.
+
+The method: docs/method.md, "CLOC".
 
 Regions come padded to a fixed R per image with a validity mask, so every rank holds the
 same ``[B*R, D]`` shapes and the gather is a plain all-gather.
@@ -34,9 +36,15 @@ _NEG = -1e9  # logit of excluded (padded) columns: exp underflows to exactly 0 i
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1): ``torchvision.ops.box_convert``.
+
+    Imported here, on first use: ``import torchvision`` takes seconds and only CLOC's
+    grounding head needs it. Why IoU / GIoU below are not torchvision's: docs/design-changes.md
+    (item 11).
+    """
+    from torchvision.ops import box_convert
+
+    return box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
 
 
 def _area(boxes: Tensor) -> Tensor:
