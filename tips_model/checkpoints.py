@@ -4,26 +4,27 @@ Contracts:
 
 * ``save_state_dict(obj, path)`` writes atomically (temp file in the same directory, fsync,
   ``os.replace``); ``load_state_dict(path)`` reads it back on CPU (``weights_only=True``).
-* ``load_released(vision_npz, text_npz, variant) -> ReleasedTIPS`` imports the authors'
-  PyTorch ``.npz`` files (TIPS v1 and TIPSv2; flat dicts keyed by ``state_dict`` names,
-  TIPS_NOTES 9.1) into our ``VisionTransformer`` / ``TextTransformer``;
-  ``export_released`` writes the same format, so export -> import is bit-exact.
+* ``load_released(vision_npz, text_npz, variant) -> ReleasedTIPS`` imports the authors' PyTorch
+  ``.npz`` files (TIPS v1 and TIPSv2; flat dicts keyed by ``state_dict`` names,
+  docs/method.md, "Released checkpoint files") into our ``VisionTransformer`` /
+  ``TextTransformer``; ``export_released`` writes the same format, so export -> import is
+  bit-exact.
 
-Released-file facts (TIPS_NOTES 9.1; google-deepmind/tips
+Released-file facts (docs/method.md, "Released checkpoint files"; google-deepmind/tips
 ``pytorch/run_image_encoder_inference.py``, ``pytorch/run_text_encoder_inference.py``,
-``pytorch/TIPS_zeroshot_segmentation.ipynb``): the
-vision model is built with LayerScale (``init_values=1.0``), exact-erf GELU, LayerNorm eps 1e-6,
-SwiGLU only for g, ``img_size`` 448 (224 for g14-LR); the text model with vocab 32000 and
-LayerNorm eps 1e-5; the text file carries ``temperature`` (and sometimes
-``temperature_contrastive``), popped before a strict load. The grid size is inferred here from
-``pos_embed`` (1 + G*G rows, img_size = G*14) and the depth from the block keys, so files with
-fewer blocks (our tests) load too; widths are checked against the variant table.
+``pytorch/TIPS_zeroshot_segmentation.ipynb``): the vision model is built with LayerScale
+(``init_values=1.0``), exact-erf GELU, LayerNorm eps 1e-6, SwiGLU only for g, ``img_size`` 448
+(224 for g14-LR); the text model with vocab 32000 and LayerNorm eps 1e-5; the text file carries
+``temperature`` (and sometimes ``temperature_contrastive``), popped before a strict load. The
+grid size is inferred here from ``pos_embed`` (1 + G*G rows, img_size = G*14) and the depth from
+the block keys, so files with fewer blocks (our tests) load too; widths are checked against the
+variant table.
 
 Names (``REFERENCE_NAMES``): parameter names are identical to the reference in both towers; only
 the text file's ``temperature`` scalar is extra. Outputs map as ``cls_alt`` <->
 ``x_norm_1st_clstoken`` (reference token 0, the ``cls_token``) and ``cls_syn`` <->
 ``x_norm_2nd_clstoken`` (reference token 1, implemented as its single register token),
-``patch_tokens`` <-> ``x_norm_patchtokens`` (TIPS_NOTES 1.2; reference
+``patch_tokens`` <-> ``x_norm_patchtokens`` (docs/method.md, "Two CLS tokens"; reference
 ``image_encoder.py forward_features``).
 """
 
@@ -33,9 +34,9 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -56,20 +57,26 @@ class CheckpointError(ValueError):
 # ---- our own state ---------------------------------------------------------------------------
 
 
-def save_state_dict(obj: dict[str, Any], path: PathLike) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (a reader never sees a partial file)."""
+def _write_atomically(path: PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``
+    (a reader never sees a partial file; the temp file is removed on any failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_state_dict(obj: dict[str, Any], path: PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (a reader never sees a partial file)."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def load_state_dict(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -92,7 +99,10 @@ TEXT_SCALARS = ("temperature", "temperature_contrastive")  # in released text fi
 
 
 def to_reference_names(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Our parameter names -> the reference's (identity for both towers, TIPS_NOTES 9.1)."""
+    """Our parameter names -> the reference's (identity for both towers).
+
+    docs/method.md, "Released checkpoint files".
+    """
     return dict(state)
 
 
@@ -150,7 +160,8 @@ class ReleasedTIPS(nn.Module):
     Attributes:
         vision: the image tower.
         text: the text tower.
-        temperature: contrastive temperature (logits = cosine / temperature, TIPS_NOTES 1.5).
+        temperature: contrastive temperature (logits = cosine / temperature;
+            docs/method.md, "Similarity and temperature").
         variant: "S", "B", "L", "So400m" or "g" (None when unknown).
     """
 
@@ -284,7 +295,9 @@ def _note_depth(name: str, depth: int, path: PathLike) -> None:
 
 
 def load_released(vision_npz: PathLike, text_npz: PathLike, variant: str) -> ReleasedTIPS:
-    """Import released TIPS / TIPSv2 PyTorch weights (strict; TIPS_NOTES 9.1).
+    """Import released TIPS / TIPSv2 PyTorch weights (strict).
+
+    The files: docs/method.md, "Released checkpoint files".
 
     Args:
         vision_npz: e.g. ``tips_v2_oss_b14_vision.npz``.
@@ -306,18 +319,7 @@ def load_released(vision_npz: PathLike, text_npz: PathLike, variant: str) -> Rel
 
 
 def _save_npz(arrays: dict[str, np.ndarray], path: PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def export_released(
