@@ -11,12 +11,12 @@ changing only the objective:
 * ``clip``   - ``tiny_cpu.yaml`` with ``objective.alpha=0 objective.beta=0`` and
   ``objective.koleo_weight=0``: the dual-CLS contrastive terms only (CLIP-like);
 * ``tips``   - ``tiny_cpu.yaml``: contrastive + DINO self-distillation + iBOT MIM
-  (TIPS_NOTES 3.1);
+  (docs/method.md, "Loss weights");
 * ``tipsv2`` - ``tiny_cpu.yaml`` with ``objective.name=tipsv2``: iBOT++ on all patch tokens,
-  head-only EMA (TIPS_NOTES 3.5, 8);
+  head-only EMA (docs/method.md, "TIPSv2 changes");
 * ``cloc``   - ``cloc_tiny.yaml``: CLIP + region-text contrastive + grounding through the
-  prompter (TIPS_NOTES 11), on the synthetic set's regions;
-* ``mug``    - ``mug_tiny.yaml``: MAE reconstruction + alt-text captioning (TIPS_NOTES 12);
+  prompter (docs/method.md, "CLOC"), on the synthetic set's regions;
+* ``mug``    - ``mug_tiny.yaml``: MAE reconstruction + alt-text captioning (docs/method.md, "MUG");
   it has no text encoder, so the text-side columns (zero-shot seg, retrieval) are n/a;
 
 then evaluates each final checkpoint on its seed's synthetic evaluation split and prints one

@@ -1,9 +1,9 @@
 """The run schema: typed defaults, recipe + override merging, validation, derived plan.
 
-Merge order (STYLE.md 5): schema defaults <- ``base:`` recipe (one level) <- recipe YAML <-
-``key=value`` overrides <- Tune trial overrides. Struct mode is on, so an unknown key is
-refused with its dotted path; a wrong type is refused with key and value. ``validate``
-checks cross-field rules. All of this runs before ``ray.init``; every error is a
+Merge order (docs/design.md, "Config"): schema defaults <- ``base:`` recipe (one level) <-
+recipe YAML <- ``key=value`` overrides <- Tune trial overrides. Struct mode is on, so an
+unknown key is refused with its dotted path; a wrong type is refused with key and value.
+``validate`` checks cross-field rules. All of this runs before ``ray.init``; every error is a
 ``ConfigError`` naming the dotted key and, when there is one, the recipe file.
 
 ``objective.name`` picks the objective's own dataclass (registered in ``tips_model``), so a
@@ -62,7 +62,8 @@ class DataConfig:
     eval_uri: str | None = None  # synthetic or user eval split for periodic evaluation
     format: str = "auto"  # auto (by file extension) | parquet | webdataset
     seed: int = 0  # base seed for file order, crops, masks and caption sampling
-    # [open] TIPS_NOTES 13.7: v2 sampling probabilities unknown; kinds as named in the shards.
+    # [open] docs/method.md, "Open questions", item 7: v2 sampling probabilities unknown;
+    # kinds as named in the shards.
     caption_ratios: dict[str, float] = field(default_factory=lambda: {"short": 0.5, "long": 0.5})
     shuffle_files: bool = True  # seeded per-epoch shuffle of the file order
     local_shuffle_buffer_size: int = 0  # rows; 0 = off (keeps exact resume trivially ordered)
@@ -83,7 +84,7 @@ class DataConfig:
 class AugmentConfig:
     """Multi-crop: TIPS uses 1 global crop at 224 and M=6 local crops at 98 [paper]."""
 
-    num_global_crops: int = 1  # [paper] TIPS_NOTES 5
+    num_global_crops: int = 1  # [paper] docs/method.md, "Crops and augmentation"
     global_crop_size: int = 224  # [paper]
     global_crop_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # [open] DINOv2
     num_local_crops: int = 6  # [paper] M
@@ -97,7 +98,10 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Block-wise iBOT masks; TIPS's own values are [open] (TIPS_NOTES 4): DINOv2's."""
+    """Block-wise iBOT masks; TIPS's own values are [open]: DINOv2's.
+
+    docs/method.md, "Masking".
+    """
 
     mask_probability: float = 0.5  # fraction of images that get a mask
     ratio_min: float = 0.1  # masked fraction of patches ~ U[ratio_min, ratio_max]
@@ -121,7 +125,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """EMA momentum and teacher temperature schedules (TIPS_NOTES 6; values [open])."""
+    """EMA momentum and teacher temperature schedules (values [open]).
+
+    docs/method.md, "Teacher EMA and schedules".
+    """
 
     momentum_start: float = 0.992  # DINOv2 (0.994 for L/g)
     momentum_end: float = 1.0  # DINOv2 cosine to 1.0; SILC keeps it fixed (set end = start)
@@ -181,6 +188,9 @@ class RunSection:
     max_preemption_failures: int = -1  # preemptions, counted apart (-1 = infinite)
     num_checkpoints_to_keep: int = 3
     resume_from: str | None = None  # explicit checkpoint URI to start from
+    # Ray's own console lines (Ray Train's per-report and start-up lines, Ray Data's plans):
+    # hidden below this level; ours (progress, checkpoints, warnings) always show. `-v` = info
+    ray_log_level: str = "warning"
     tensorboard: bool = True  # false drops "tensorboard" from run.loggers
     # Where rank 0 writes every metrics row (orchestrator/train/loggers.py): any of
     # tensorboard (<run>/tensorboard), mlflow, wandb; the last two need their extra:
@@ -222,6 +232,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.tokenizer": ("bpe", "sentencepiece"),
     "model.input_norm": tuple(INPUT_NORMS),
     "run.wandb_mode": ("online", "offline"),
+    "run.ray_log_level": ("debug", "info", "warning", "error"),
 }
 
 
@@ -371,16 +382,16 @@ def from_dict(d: dict[str, Any]) -> Any:
     return cfg
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def to_dict(cfg: TipsConfig) -> dict[str, Any]:
     """A plain, picklable dict (what crosses into Ray as ``train_loop_config``)."""
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: TipsConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
-def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+def with_overrides(cfg: TipsConfig, overrides: dict[str, Any]) -> Any:
     """Apply dotted-key overrides (e.g. a Tune trial's) to a config and re-validate."""
     layer = OmegaConf.create({})
     for key, value in overrides.items():
@@ -416,7 +427,7 @@ def tower_widths(model: ModelConfig) -> tuple[int, int]:
     return int(vision.embed_dim), int(text.token_embedding.weight.shape[1])
 
 
-def _get(cfg: Any, dotted: str) -> Any:
+def _get(cfg: TipsConfig, dotted: str) -> Any:
     obj = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -442,13 +453,22 @@ def _origin(layers: list[tuple[str, DictConfig]], key: str, default: str) -> str
     return default
 
 
-def validate(cfg: Any, source: str = "config") -> None:
+def validate(cfg: TipsConfig, source: str = "config") -> None:
     """Cross-field rules; raises ConfigError naming the dotted key and the source."""
-    from tips_model.registry import TEXT, VISION
-
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         _require(value in allowed, source, f"{key}={value!r}: must be one of {list(allowed)}")
+    _validate_model(cfg, source)
+    _validate_crops(cfg, source)
+    _validate_data(cfg, source)
+    _validate_schedule(cfg, source)
+    _validate_run(cfg, source)
+    _validate_loggers(cfg.run, source)
+
+
+def _validate_model(cfg: TipsConfig, source: str) -> None:
+    from tips_model.registry import TEXT, VISION
+
     m = cfg.model
     _require(m.vision in VISION, source, f"model.vision={m.vision!r}: known {VISION.names()}")
     _require(m.text in TEXT, source, f"model.text={m.text!r}: known {TEXT.names()}")
@@ -467,6 +487,11 @@ def validate(cfg: Any, source: str = "config") -> None:
             "have the same width: the image and text embeddings share one space, with no "
             "projection head (docs/method.md)",
         )
+
+
+def _validate_crops(cfg: TipsConfig, source: str) -> None:
+    """Crops against the patch size, masking, and distillation's need for student crops."""
+    m = cfg.model
     p = patch_size(m)
     a = cfg.augment
     _require(
@@ -517,6 +542,9 @@ def validate(cfg: Any, source: str = "config") -> None:
         source,
         "masking.ratio_min <= masking.ratio_max must lie in [0, 1]",
     )
+
+
+def _validate_data(cfg: TipsConfig, source: str) -> None:
     d = cfg.data
     _require(bool(d.train_uri), source, "data.train_uri is empty")
     _require(
@@ -535,6 +563,10 @@ def validate(cfg: Any, source: str = "config") -> None:
         source,
         f"data.caption_ratios={dict(ratios)} must be non-negative with a positive sum",
     )
+
+
+def _validate_schedule(cfg: TipsConfig, source: str) -> None:
+    """Steps, batch against the world size, optimizer and teacher schedules."""
     t = cfg.train
     for key in ("total_steps", "batch_size_per_worker", "log_every_steps"):
         _require(_get(t, key) >= 1, source, f"train.{key} must be >= 1")
@@ -567,22 +599,24 @@ def validate(cfg: Any, source: str = "config") -> None:
         value = getattr(tc, key)
         _require(value > 0, source, f"teacher.{key}={value} must be > 0")
     _require(
+        0 <= tc.momentum_start <= 1 and 0 <= tc.momentum_end <= 1,
+        source,
+        "teacher.momentum_start/momentum_end must be in [0, 1]",
+    )
+
+
+def _validate_run(cfg: TipsConfig, source: str) -> None:
+    _require(
         cfg.run.num_checkpoints_to_keep >= 1,
         source,
         f"run.num_checkpoints_to_keep={cfg.run.num_checkpoints_to_keep} must be >= 1 (the "
         "latest checkpoint is what a restart resumes from)",
     )
     _require(
-        0 <= tc.momentum_start <= 1 and 0 <= tc.momentum_end <= 1,
-        source,
-        "teacher.momentum_start/momentum_end must be in [0, 1]",
-    )
-    _require(
         bool(cfg.run.name) and "/" not in cfg.run.name,
         source,
         f"run.name={cfg.run.name!r} must be non-empty and contain no '/'",
     )
-    _validate_loggers(cfg.run, source)
 
 
 def _validate_loggers(run: RunSection, source: str) -> None:
@@ -612,7 +646,7 @@ class Plan:
     total_steps: int
 
 
-def derive(cfg: Any, world_size: int) -> Plan:
+def derive(cfg: TipsConfig, world_size: int) -> Plan:
     """Split the global batch over ``world_size`` workers and accumulation steps.
 
     Every rank gets the same batch (the gathered contrastive loss needs it). When the world

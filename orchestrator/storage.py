@@ -12,7 +12,7 @@ Contract:
 endpoint falls back to ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and the region to
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; credentials always come from the standard AWS chain
 (environment, profile, instance role), so the same code path talks to AWS, MinIO or a local
-moto server (DESIGN.md, "Real components in tests").
+moto server (docs/design.md, "Real components in tests").
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ def train_storage(uri: str, storage: Any | None = None) -> tuple[str, pafs.FileS
     """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``.
 
     Local: an absolute path and None (Ray's default local filesystem). S3: ``bucket/prefix``
-    and our S3FileSystem, so Ray uses the same endpoint override (RAY_NOTES 1.1).
+    and our S3FileSystem, so Ray uses the same endpoint override (docs/ray.md,
+    "Storage and S3").
     """
     if is_s3(uri):
         fs, path = filesystem(uri, storage)

@@ -9,7 +9,7 @@ resume checkpoint and the model shapes are checked before any worker starts.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from orchestrator.cli.common import (
     EXIT_FAILED,
@@ -23,6 +23,9 @@ from orchestrator.cli.common import (
     setup_logging,
     split_args,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.config import TipsConfig
 
 PROG = "tips train"
 SUMMARY = "train a recipe (TIPS, CLOC or MUG) with Ray Train"
@@ -63,7 +66,8 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     setup_logging(args.verbose)
     try:
-        cfg = config_lib.load(find_recipe(args.named.get("recipe")), args.overrides)
+        verbose = ["run.ray_log_level=info"] if args.verbose else []
+        cfg = config_lib.load(find_recipe(args.named.get("recipe")), [*verbose, *args.overrides])
     except config_lib.ConfigError as e:
         return fail(PROG, f"config error: {e}", EXIT_USAGE)
     if "--dry-run" in args.flags:
@@ -71,15 +75,11 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     try:
         return _run(cfg)
-    except KeyboardInterrupt:
-        return fail(
-            PROG,
-            "interrupted; checkpoints written so far are kept: run the same command to resume",
-            EXIT_INTERRUPTED,
-        )
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler exits
+        return _interrupted(cfg)
 
 
-def _run(cfg: Any) -> int:
+def _run(cfg: TipsConfig) -> int:
     import ray.train
 
     from orchestrator.train.driver import (
@@ -111,7 +111,24 @@ def _run(cfg: Any) -> int:
     return EXIT_OK
 
 
-def _print_summary(cfg: Any) -> None:
+def _interrupted(cfg: TipsConfig) -> int:
+    """Ctrl-C: Ray Train aborts the run; what was checkpointed stays on storage, and the
+    same command resumes from the newest complete checkpoint there."""
+    from orchestrator.train.driver import absolutize, run_uri
+    from orchestrator.train.state import newest_checkpoint
+
+    cfg = absolutize(cfg)
+    try:
+        newest = newest_checkpoint(run_uri(cfg), cfg.storage)
+    except OSError:
+        newest = None
+    kept = f"newest checkpoint {pasteable_uri(newest, cfg)}" if newest else "no checkpoint yet"
+    return fail(
+        PROG, f"interrupted ({kept}); run the same command again to resume", EXIT_INTERRUPTED
+    )
+
+
+def _print_summary(cfg: TipsConfig) -> None:
     from orchestrator.train.driver import metrics_path
     from orchestrator.train.metrics import read_history
 
@@ -133,7 +150,7 @@ def _print_summary(cfg: Any) -> None:
     print(f"{PROG}: metrics history: {path}")
 
 
-def pasteable_uri(path: str, cfg: Any) -> str:
+def pasteable_uri(path: str, cfg: TipsConfig) -> str:
     """A checkpoint path as ``tips eval checkpoint=`` takes it: Ray reports S3 checkpoints
     as ``bucket/key``, without the scheme."""
     if cfg.run.storage_uri.startswith("s3://") and "://" not in path:

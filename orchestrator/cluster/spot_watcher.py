@@ -3,9 +3,10 @@
     python -m orchestrator.cluster.spot_watcher --address $RAY_HEAD_IP:6379 &   # on each spot node
 
 The AWS cluster launcher does not watch the two-minute spot warning, so without this Ray only
-learns a node is gone when it dies and the run loses up to a checkpoint interval (RAY_NOTES 1.3,
-7.1). The watcher polls the instance metadata service (IMDSv2: ``PUT /latest/api/token``, then
-``GET /latest/meta-data/spot/instance-action`` with the token; 404 = no notice). On a notice
+learns a node is gone when it dies and the run loses up to a checkpoint interval
+(docs/ray.md, "Preemption"). The watcher polls the instance metadata service (IMDSv2:
+``PUT /latest/api/token``, then ``GET /latest/meta-data/spot/instance-action`` with the
+token; 404 = no notice). On a notice
 (``{"action": "terminate", "time": "2026-11-23T08:22:00Z"}``) it asks the GCS to drain this
 node with reason ``DRAIN_NODE_REASON_PREEMPTION`` and the notice's time as the deadline: the
 same call as ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` (which only takes

@@ -5,10 +5,11 @@
     out.global_crops  # [G, 3, H, W] uint8   (TIPS: G=1, H=W=224)
     out.local_crops   # [M, 3, h, w] uint8   (TIPS: M=6, h=w=98)
 
-TIPS trains with random-resized crops and horizontal flips only (TIPS_NOTES 5); the optional
-colour jitter and grayscale are off by default. Crop boxes follow torchvision's
-``RandomResizedCrop.get_params`` (area fraction ~ U[scale], log-uniform aspect in [3/4, 4/3],
-10 tries, then a centre crop). Speed, per image (RAY_NOTES 3, issue 3 benchmark):
+TIPS trains with random-resized crops and horizontal flips only
+(docs/method.md, "Crops and augmentation"); the optional colour jitter and grayscale are off
+by default. Crop boxes follow torchvision's ``RandomResizedCrop.get_params`` (area fraction
+~ U[scale], log-uniform aspect in [3/4, 4/3], 10 tries, then a centre crop). Speed, per image
+(docs/ray.md, "Ray Data"; issue 3 benchmark):
 
 1. The crop boxes are drawn from the header size *before* decoding, so a JPEG is decoded in
    draft mode (DCT scaling 1/2, 1/4, 1/8) at the smallest size that still gives every crop

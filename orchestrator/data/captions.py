@@ -5,8 +5,9 @@
     alt_ids, syn_ids = tokenize_pair(tok, alts, syns)       # int64 [B, T] each, 0 = padding
 
 TIPS pairs one CLS token with the web alt-text and the other with a synthetic caption
-(TIPS_NOTES 2); which synthetic granularity a record feeds is drawn per record. ``syn_kind``
-is the index of the kind used in ``sampler.kinds`` (the configured kinds, sorted).
+(docs/method.md, "Two CLS tokens"); which synthetic granularity a record feeds is drawn per
+record (docs/method.md, "TIPSv2 changes"). ``syn_kind`` is the index of the kind used in
+``sampler.kinds`` (the configured kinds, sorted).
 
 Fallback rule for incomplete records (each fallback is counted as ``caption_fallback``):
 1. draw one kind ``k`` by the ratios (a single uniform draw ``u``);

@@ -4,13 +4,14 @@ stream (``orchestrator/data/pipeline.py``), built from its pieces.
 
     iter_local_batches(cfg, patch_size, keys, batch_size) -> batch-contract numpy dicts
     scan_for_usable_record(cfg, patch_size, keys) -> (found, skip counts)
+    caption_kinds_sample(cfg, limit) -> (records per caption kind, records read)
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,9 +25,12 @@ from orchestrator.data.pipeline import (
 )
 from orchestrator.data.shards import BadRecord
 
+if TYPE_CHECKING:
+    from orchestrator.config import TipsConfig
+
 
 def iter_local_batches(
-    cfg: Any,
+    cfg: TipsConfig,
     patch_size: int,
     required_keys: set[str] | None,
     batch_size: int,
@@ -67,7 +71,7 @@ def iter_local_batches(
 
 
 def scan_for_usable_record(
-    cfg: Any, patch_size: int, required_keys: set[str] | None
+    cfg: TipsConfig, patch_size: int, required_keys: set[str] | None
 ) -> tuple[bool, dict[str, int]]:
     """Read the epoch-0 stream on this process until the first record that makes a row.
 
@@ -95,3 +99,29 @@ def scan_for_usable_record(
     if plan.unreadable:  # shards that cannot be opened at all (named in plan_stream's log)
         counts["skipped_unreadable"] += len(plan.unreadable)
     return False, dict(counts)
+
+
+def caption_kinds_sample(cfg: TipsConfig, limit: int = 256) -> tuple[Counter, int]:
+    """Caption kinds among the first ``limit`` readable records of the epoch-0 stream.
+
+    For the driver's check that every kind named in ``data.caption_ratios`` exists in the
+    shards: a misspelt or missing kind is never an error while training (the record falls
+    back to another kind or to its alt-text, counted as ``caption_fallback``), so without
+    this check a typo silently trains the synthetic-caption branch on alt-text.
+
+    Returns:
+        ``(records per kind, records read)``.
+    """
+    plan = plan_stream(cfg)
+    kinds: Counter[str] = Counter()
+    read = 0
+    order, _ = plan.order(0)
+    for unit in order:
+        for item, _width in _unit_items(plan, int(unit), 0, plan.storage, ["captions"]):
+            if isinstance(item, BadRecord):
+                continue
+            read += 1
+            kinds.update({c.get("kind") for c in item.get("captions") or [] if c.get("text")})
+            if read >= limit:
+                return kinds, read
+    return kinds, read

@@ -1,6 +1,6 @@
 """Image-text shards: the schema, Parquet and WebDataset writers, listing and record readers.
 
-Schema (DESIGN.md, "Shard schema"): ``key`` string, ``image`` binary (JPEG/PNG/WebP),
+Schema (docs/design.md, "Shard schema"): ``key`` string, ``image`` binary (JPEG/PNG/WebP),
 ``alt_text`` string, ``captions`` list<struct<kind, text>>, ``regions``
 list<struct<box: list<float32>[4] xyxy in [0, 1], text>> (optional), ``meta`` JSON string
 (optional). Extra binary columns pass through (the synthetic eval split's ``class_mask`` and

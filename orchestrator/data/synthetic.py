@@ -1,4 +1,6 @@
-"""The synthetic spatial data set: coloured shapes at known places and depths (DESIGN.md).
+"""The synthetic spatial data set: coloured shapes at known places and depths.
+
+What it is for: docs/design.md, "Synthetic data set".
 
     write_synthetic("demo_data/synth", n=1024, seed=0)   # == tips data synth --out ... --n 1024
     -> demo_data/synth/train/shard-*.parquet   image, alt_text, captions, regions, meta

@@ -28,7 +28,7 @@ parameter's rows, ``col_var`` replicated for 2-D parameters (split on dim 0 othe
 ``variance`` split like the parameter. DCP's
 ``get_optimizer_state_dict(full_state_dict=True)`` gathers them into torch's unsharded
 layout, so one checkpoint moves between FSDP, DDP and a single process. The TIPS recipes
-use Adafactor (TIPS_NOTES 7).
+use Adafactor (docs/method.md, "Optimizer and schedule").
 """
 
 from __future__ import annotations

@@ -4,14 +4,15 @@
 
 * ``ScalingConfig(num_workers=(min, max))`` makes the run elastic: any worker or node loss,
   or capacity coming back, restarts the worker group from the latest checkpoint with as
-  many workers as fit (RAY_NOTES 1.3). ``min_workers = max_workers = 0`` is Ray Train's
-  local mode (the loop runs in this process; handy for tests and debugging).
+  many workers as fit (docs/ray.md, "Elasticity and failures"). ``min_workers =
+  max_workers = 0`` is Ray Train's local mode (the loop runs in this process; handy for tests
+  and debugging).
 * ``RunConfig(name, storage_path)`` with a stable name: rerunning the same command resumes
-  from the run's latest checkpoint (RAY_NOTES 1.4).
+  from the run's latest checkpoint (docs/ray.md, "Run persistence and auto-resume").
 * The train dataset is handed to Train as a *factory*, which Ray calls again at every
   worker-group (re)start; the factory reads the data position of the latest checkpoint
-  of this run, so the new stream starts where the checkpoint left off (DESIGN.md,
-  Checkpoints).
+  of this run, so the new stream starts where the checkpoint left off
+  (docs/design.md, "Checkpoints").
 * Paths are made absolute before they cross into workers (workers chdir into a run dir).
 """
 
@@ -39,7 +40,7 @@ def _abs_uri(uri: str | None) -> str | None:
     return str(Path(uri).expanduser().resolve())
 
 
-def absolutize(cfg: Any) -> Any:
+def absolutize(cfg: config_lib.TipsConfig) -> Any:
     """Local paths in the config made absolute (Ray workers run in another directory)."""
     overrides: dict[str, Any] = {
         "data.train_uri": _abs_uri(cfg.data.train_uri),
@@ -54,18 +55,18 @@ def absolutize(cfg: Any) -> Any:
     return config_lib.with_overrides(cfg, overrides)
 
 
-def run_uri(cfg: Any, name: str | None = None) -> str:
+def run_uri(cfg: config_lib.TipsConfig, name: str | None = None) -> str:
     return f"{cfg.run.storage_uri.rstrip('/')}/{name or cfg.run.name}"
 
 
-def metrics_path(cfg: Any, name: str | None = None) -> str | None:
+def metrics_path(cfg: config_lib.TipsConfig, name: str | None = None) -> str | None:
     """Rank 0's ``metrics.jsonl`` (local storage only; S3 runs use TensorBoard/Ray metrics)."""
     if "://" in cfg.run.storage_uri:
         return None
     return str(Path(cfg.run.storage_uri) / (name or cfg.run.name) / "metrics.jsonl")
 
 
-def required_keys(cfg: Any) -> set[str]:
+def required_keys(cfg: config_lib.TipsConfig) -> set[str]:
     """Batch keys the configured objective reads (built on the meta device: no memory)."""
     import torch
 
@@ -81,7 +82,7 @@ class TrainDatasetFactory:
     """Called by Ray Train at every worker-group (re)start: a stream from the data position
     of the latest checkpoint of this run (or of ``run.resume_from``) to the end of training."""
 
-    def __init__(self, cfg: Any, run_uri: str) -> None:
+    def __init__(self, cfg: config_lib.TipsConfig, run_uri: str) -> None:
         self.cfg_dict = config_lib.to_dict(cfg)
         self.run_uri = run_uri
 
@@ -113,7 +114,7 @@ class TrainDatasetFactory:
 
 
 def build_trainer(
-    cfg: Any,
+    cfg: config_lib.TipsConfig,
     *,
     name: str | None = None,
     callbacks: list[Any] | None = None,
@@ -127,7 +128,14 @@ def build_trainer(
     follow the batch contract plus an int64 ``sample_index`` column (the data position).
     """
     from ray.data import DataContext
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
 
     from orchestrator.storage import train_storage
     from orchestrator.train import loggers as loggers_lib
@@ -156,6 +164,10 @@ def build_trainer(
         ),
         checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
         callbacks=callbacks or [],
+        # Ray Train filters its own console records (ray.train.*) at this level; the
+        # session's log files keep everything (docs/ray.md, "Quiet console")
+        logging_config=LoggingConfig(log_level=r.ray_log_level.upper()),
+        worker_runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": r.ray_log_level.upper()}},
     )
     try:  # TensorBoard, MLflow, W&B: resolved here, where the command's environment is
         logger_settings = loggers_lib.loop_settings(cfg, name, run_uri(cfg, name))
@@ -186,12 +198,31 @@ class PreflightError(ValueError):
     """A run that would fail the same way on every attempt, found before Ray starts."""
 
 
-def preflight(cfg: Any, name: str | None = None) -> str | None:
+def _check_caption_kinds(cfg: config_lib.TipsConfig, sample: int = 256) -> None:
+    """Every kind in ``data.caption_ratios`` must occur among the first records, when the
+    objective reads synthetic captions (a typo would silently train on alt-text)."""
+    from orchestrator.data.local import caption_kinds_sample
+
+    if "syn_ids" not in required_keys(cfg):
+        return
+    kinds, read = caption_kinds_sample(cfg, sample)
+    missing = sorted(k for k in cfg.data.caption_ratios if kinds.get(k, 0) == 0)
+    if read and missing:
+        have = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
+        raise PreflightError(
+            f"data.caption_ratios names caption kind(s) {missing} that none of the first "
+            f"{read} records of {cfg.data.train_uri} has (records per kind: {have}); "
+            "name the kinds the shards hold (tips data inspect shows them)"
+        )
+
+
+def preflight(cfg: config_lib.TipsConfig, name: str | None = None) -> str | None:
     """Checks on the driver, before any worker starts; returns the checkpoint to resume.
 
     * ``data.train_uri`` must list shards with the right schema (its ``plan_stream``: the URI,
       the S3 endpoint and bucket, every shard's columns) and hold at least one usable
-      record (``scan_for_usable_record``);
+      record (``scan_for_usable_record``); every kind in ``data.caption_ratios`` must occur
+      in its first records when the objective reads synthetic captions;
     * ``run.resume_from``, when this run has no checkpoint yet, must be a complete,
       loadable checkpoint (``state.checkpoint_problem``);
     * the checkpoint a (re)run would resume from must hold tensors of the shapes the
@@ -219,6 +250,7 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
             + ", ".join(f"{k.removeprefix('skipped_')} {v}" for k, v in sorted(counts.items()))
             + ")"
         )
+    _check_caption_kinds(cfg)
     check_loggers(cfg, name)
     run = run_uri(cfg, name)
     fatal_error(cfg, name)  # a marker left by an earlier attempt says nothing about this one
@@ -264,7 +296,7 @@ def preflight(cfg: Any, name: str | None = None) -> str | None:
     return source
 
 
-def check_loggers(cfg: Any, name: str | None = None) -> None:
+def check_loggers(cfg: config_lib.TipsConfig, name: str | None = None) -> None:
     """``run.loggers``: each backend installed, the MLflow tracking store reachable (its
     experiment is made here, once, before the workers race to make it).
 
@@ -290,7 +322,7 @@ def check_loggers(cfg: Any, name: str | None = None) -> None:
             ) from None
 
 
-def _state_shapes(cfg: Any) -> dict[str, list[int]]:
+def _state_shapes(cfg: config_lib.TipsConfig) -> dict[str, list[int]]:
     """Parameter and buffer shapes of the configured objective (built on the meta device)."""
     import torch
 
@@ -308,7 +340,7 @@ def _dotted(d: dict[str, Any], key: str) -> Any:
     return d.get(section, {}).get(field)
 
 
-def fit(cfg: Any, *, name: str | None = None) -> ray.train.Result:
+def fit(cfg: config_lib.TipsConfig, *, name: str | None = None) -> ray.train.Result:
     """Validate paths, check what would be resumed, start or attach to Ray, train.
 
     Raises:
@@ -316,17 +348,28 @@ def fit(cfg: Any, *, name: str | None = None) -> ray.train.Result:
     """
     cfg = absolutize(cfg)
     preflight(cfg, name)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init()
+    init_ray(cfg.run.ray_log_level)
     trainer = build_trainer(cfg, name=name)
     return trainer.fit()
 
 
-def fatal_error(cfg: Any, name: str | None = None) -> str | None:
+def init_ray(ray_log_level: str = "warning", **kwargs: Any) -> None:
+    """Start or attach to Ray (``RAY_ADDRESS``) unless it is up. Ray Data's console lines
+    (execution plans, each dataset's start and finish) follow ``ray_log_level``: Ray Data
+    reads ``RAY_DATA_LOG_LEVEL`` in each process that runs a dataset, and processes of a
+    Ray this driver starts inherit its environment (the train workers get it through
+    ``RunConfig.worker_runtime_env`` on any cluster)."""
+    if ray.is_initialized():
+        return
+    os.environ["RAY_DATA_LOG_LEVEL"] = ray_log_level.upper()
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def fatal_error(cfg: config_lib.TipsConfig, name: str | None = None) -> str | None:
     """The error the workers stopped at without retrying (``train.DETERMINISTIC_FAILURES``),
     read once: the marker is removed so that a rerun after the fix starts clean."""
     from orchestrator import storage as st
@@ -369,7 +412,9 @@ def failure_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-def write_failure_log(cfg: Any, error: BaseException, name: str | None = None) -> str:
+def write_failure_log(
+    cfg: config_lib.TipsConfig, error: BaseException, name: str | None = None
+) -> str:
     """The full error (Ray's text, with every worker's traceback) in a file; its path.
 
     Local runs: ``<run dir>/errors/<UTC time>.log``; S3 runs: a local temporary file (the

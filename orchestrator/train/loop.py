@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import time
 from typing import Any
@@ -69,7 +70,7 @@ class DataExhaustedError(RuntimeError):
     """The stream ended before train.total_steps: too many records were skipped as bad."""
 
 
-def _threads(cfg: Any) -> int:
+def _threads(cfg: config_lib.TipsConfig) -> int:
     if cfg.train.torch_threads > 0:
         return cfg.train.torch_threads
     cpus = cfg.scaling.resources_per_worker.get("CPU", 1.0)
@@ -77,7 +78,7 @@ def _threads(cfg: Any) -> int:
 
 
 def _restore(
-    cfg: Any, objective: torch.nn.Module, run_uri: str
+    cfg: config_lib.TipsConfig, objective: torch.nn.Module, run_uri: str
 ) -> tuple[TrainState, str | None, dict | None]:
     """The newest complete and loadable checkpoint of this run on storage (a restart, a
     resize, a resubmission), else ``run.resume_from``; the driver's data stream starts from
@@ -130,7 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 class Worker:
     """What one worker holds for the whole run (built by ``_setup``)."""
 
-    cfg: Any
+    cfg: config_lib.TipsConfig
     plan: Any
     rank: int
     world_size: int
@@ -202,8 +203,8 @@ def _steps(w: Worker) -> None:
 def _setup(loop_config: dict[str, Any]) -> Worker:
     """Config and plan for this world size; model, optimizer, schedules and state, restored
     from the newest checkpoint when there is one."""
-    _configure_worker_logging()
     cfg = config_lib.from_dict(loop_config["config"])
+    _configure_worker_logging(cfg.run.ray_log_level)
     ctx = ray.train.get_context()
     world_size, rank = ctx.get_world_size(), ctx.get_world_rank()
     plan = config_lib.derive(cfg, world_size)
@@ -345,7 +346,7 @@ def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
             metrics.update(eval_metrics)
     if w.rank != 0:
         return
-    _configure_worker_logging()
+    _configure_worker_logging(w.cfg.run.ray_log_level)
     logger.info(progress_line(metrics, w.plan.total_steps))
     if warning:
         logger.warning(warning)
@@ -379,7 +380,7 @@ class PreemptionWatch:
     """A node drain (spot preemption) seen by Ray: one checkpoint at once, and a second just
     before the deadline, so a preemption loses ~the margin, not a checkpoint interval."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: config_lib.TipsConfig) -> None:
         self.every = max(1, cfg.train.preemption_check_every_steps)
         self.margin_s = cfg.train.preemption_margin_s
         self.saved_once = False
@@ -422,7 +423,9 @@ def _agreed(flag: bool, device: torch.device, distributed: bool) -> bool:
     return bool(t.item())
 
 
-def _report_due(last_report: float, cfg: Any, device: torch.device, distributed: bool) -> bool:
+def _report_due(
+    last_report: float, cfg: config_lib.TipsConfig, device: torch.device, distributed: bool
+) -> bool:
     """Whether a metrics-only report goes to Ray now: rank 0's clock decides for every rank
     (``report`` is a barrier that all ranks must call equally often).
 
@@ -436,7 +439,9 @@ def _report_due(last_report: float, cfg: Any, device: torch.device, distributed:
     )
 
 
-def _periodic_eval(objective: torch.nn.Module, tokenizer: Any, cfg: Any) -> dict[str, float]:
+def _periodic_eval(
+    objective: torch.nn.Module, tokenizer: Any, cfg: config_lib.TipsConfig
+) -> dict[str, float]:
     """Quick evaluation of the student towers on the eval split (``eval/<task>/<metric>``)."""
     from orchestrator.eval.periodic import evaluate_during_training
     from orchestrator.eval.suite import VISION_TASKS
@@ -458,13 +463,21 @@ def _periodic_eval(objective: torch.nn.Module, tokenizer: Any, cfg: Any) -> dict
     )
 
 
-def _configure_worker_logging() -> None:
-    """Ray workers start with Python's default WARNING level: show our INFO progress lines."""
+def _configure_worker_logging(ray_log_level: str = "warning") -> None:
+    """Ray workers start with Python's default WARNING level: show our INFO progress lines,
+    and hold Ray's own INFO lines logged through the root logger (Ray Train names some of its
+    loggers by file path, e.g. the per-report "Reporting training result" line) to
+    ``run.ray_log_level``."""
     # Ray Data applies a logging dictConfig when a dataset first runs in this process, which
     # disables loggers that already exist: re-enable ours each time we are called.
-    for name, other in logging.root.manager.loggerDict.items():
-        if name.startswith(("orchestrator", "tips_model")) and isinstance(other, logging.Logger):
+    level = getattr(logging, ray_log_level.upper())
+    for name, other in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(other, logging.Logger):
+            continue
+        if name.startswith(("orchestrator", "tips_model")):
             other.disabled = False
+        elif f"{os.sep}ray{os.sep}" in name:  # a logger named by a Ray source file's path
+            other.setLevel(level)
     log = logging.getLogger("orchestrator")
     log.setLevel(logging.INFO)
     if not log.handlers and not logging.getLogger().handlers:
@@ -492,7 +505,7 @@ def _metrics(
     throughput: Throughput,
     state: TrainState,
     sched: dict[str, float],
-    cfg: Any,
+    cfg: config_lib.TipsConfig,
     world_size: int,
 ) -> dict[str, float]:
     metrics: dict[str, float] = meter.pop()

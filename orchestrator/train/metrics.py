@@ -1,8 +1,9 @@
 """Metric namespacing, interval averaging, throughput meters and the rank-0 log line.
 
-Keys are flat and namespaced (STYLE.md 4): ``loss/<term>`` (unweighted), ``weight/<term>``,
-``sched/lr``, ``sched/ema_momentum``, ``sched/teacher_temp``, ``data/samples_seen``,
-``data/skipped_<reason>``, ``perf/samples_per_s``, ``perf/data_wait_frac``, ``train/step``.
+Keys are flat and namespaced (docs/design.md, "Metric keys"): ``loss/<term>`` (unweighted),
+``weight/<term>``, ``sched/lr``, ``sched/ema_momentum``, ``sched/teacher_temp``,
+``data/samples_seen``, ``data/skipped_<reason>``, ``perf/samples_per_s``,
+``perf/data_wait_frac``, ``train/step``.
 Metrics leave a worker only through ``ray.train.report``; rank 0 also prints a progress
 line and writes TensorBoard event files.
 """
@@ -15,9 +16,12 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from orchestrator.config import TipsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +257,7 @@ class CollapseMonitor:
         )
 
 
-def collapse_monitor(cfg: Any) -> CollapseMonitor | None:
+def collapse_monitor(cfg: TipsConfig) -> CollapseMonitor | None:
     """The monitor for a run config, or None when the objective has no distillation head."""
     o = cfg.objective
     k = getattr(o, "head_out_dim", None)

@@ -2,8 +2,9 @@
 
 Every schedule is an array indexed by the global optimizer step (dinov2 / big_vision), so
 an elastic restart at any world size resumes at exactly the same lr, EMA momentum and
-teacher temperature. Sources: TIPS_NOTES 7 (Adafactor, lr 5e-4, linear warm-up and decay
-[paper]) and 6 (DINOv2 momentum / teacher-temperature fallbacks [open]).
+teacher temperature. Sources: docs/method.md, "Optimizer and schedule" (Adafactor, lr 5e-4,
+linear warm-up and decay [paper]) and docs/method.md, "Teacher EMA and schedules" (DINOv2
+momentum / teacher-temperature fallbacks [open]).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checkpoint directories: what a run must carry to resume exactly, written safely.
 
-Layout (DESIGN.md, Checkpoints): ``checkpoint_<step:08d>/`` with
+Layout (docs/design.md, "Checkpoints"): ``checkpoint_<step:08d>/`` with
   model.pt          the objective's state_dict (student, teacher/EMA heads, loss centres,
                     temperature), unsharded whatever ``scaling.strategy`` trained it
   optim.pt          optimizer.state_dict(), unsharded (FSDP: gathered, see parallel.py)

@@ -6,7 +6,7 @@
                                resources_per_worker={"TPU": 1, "CPU": 8}))
     # in the worker:  device = xla_device(); ...; loss.backward(); optimizer_step(optimizer)
 
-Why a custom backend (RAY_NOTES 0.11, 5): in Ray 2.60 ``use_tpu=True`` picks backend
+Why a custom backend (docs/ray.md, "TPU and torch_xla"): in Ray 2.60 ``use_tpu=True`` picks backend
 ``tpu_dist`` from Google's ``torch_tpu`` package, and ``ray.train.torch.xla.TorchXLAConfig``
 is the V1-era Neuron/XRT one. Ray Train V2 still calls the generic ``Backend`` hooks of a
 ``TorchConfig`` subclass, so this module brings its own:

@@ -1,4 +1,6 @@
-"""The Tune trial: a driver function that runs one full elastic training run (RAY_NOTES 2.4).
+"""The Tune trial: a driver function that runs one full elastic training run.
+
+PBT works through a relay (docs/ray.md, "PBT relay").
 
 Each trial is ``tips train`` with the trial's overrides: the same ``build_trainer`` and
 train loop, started from a Tune function trainable (``Tuner(trainable)``, not the
@@ -159,7 +161,8 @@ def trial_driver(
     name = incarnation_name(trial_id, donor)
     extra["run.name"] = name
     cfg = trial_config(base, overrides)
-    if keep_all_checkpoints:  # PBT may exploit any reported checkpoint (RAY_NOTES 2.4, 5.)
+    if keep_all_checkpoints:  # PBT may exploit any reported checkpoint
+        # (docs/ray.md, "PBT relay", step 5)
         t = cfg.train
         extra["run.num_checkpoints_to_keep"] = t.total_steps // t.checkpoint_every_steps + 2
     cfg = absolutize(config_lib.with_overrides(cfg, extra))

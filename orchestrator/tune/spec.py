@@ -5,8 +5,9 @@
     sweep.space         # {dotted config key: Sampler}
     sweep.param_space() # the Tune param_space: {"overrides": {key: tune domain}}
 
-A sweep file (STYLE.md 5) names a base recipe, fixed overrides for every trial, the metric
-and mode, a search space over dotted config keys, the scheduler and the trial resources:
+A sweep file (docs/design.md, "Config") names a base recipe, fixed overrides for every
+trial, the metric and mode, a search space over dotted config keys, the scheduler and the
+trial resources:
 
     recipe: tiny_cpu.yaml
     overrides: [train.total_steps=60, train.eval_every_steps=20]
@@ -102,7 +103,8 @@ class SchedulerSpec:
 @dataclass  # not frozen: OmegaConf makes frozen ones read-only
 class TrialSpec:
     # The trial driver hosts the Train controller: keep it on safe (on-demand) nodes, e.g.
-    # {CPU: 0.25, TRAIN_DRIVER: 0.01} with that custom resource on the head (RAY_NOTES 2.1).
+    # {CPU: 0.25, TRAIN_DRIVER: 0.01} with that custom resource on the head
+    # (docs/ray.md, "Tune with Train V2").
     driver_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.25})
     max_failures: int = 1  # Tune-level retries of a failed trial
 

@@ -6,8 +6,9 @@
 
 Schedulers count time in optimizer steps (``train/step``). ASHA stops trials early; it
 relies on Train's placement-group cleanup, which needs the dashboard / State API
-(RAY_NOTES 2.2): ``run_sweep`` starts a local Ray with the dashboard on when no cluster is
-given. PBT exploits checkpoints through the relay in ``driver.py``.
+(docs/ray.md, "Early stopping needs the dashboard"): ``run_sweep`` starts a local Ray with
+the dashboard on when no cluster is given. PBT exploits checkpoints through the relay in
+``driver.py``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def build_tuner(sweep: Sweep, *, resume: bool = False) -> ray.tune.Tuner:
         storage_path=path,
         storage_filesystem=fs,
         failure_config=ray.tune.FailureConfig(max_failures=s.trial.max_failures),
-        # PBT may exploit any reported checkpoint: keep them all (RAY_NOTES 2.4, 5.).
+        # PBT may exploit any reported checkpoint: keep them all
+        # (docs/ray.md, "PBT relay", step 5).
         checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None),
         verbose=int(os.environ.get("TIPS_TUNE_VERBOSE", "1")),
     )

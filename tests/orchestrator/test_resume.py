@@ -5,6 +5,7 @@ cannot work before Ray starts (issue 17). Real files, the moto S3 server; no Ray
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from orchestrator import config as config_lib
 from orchestrator import storage as st
 from orchestrator.recipes import RECIPES_DIR
 from orchestrator.train import state as ckpt
-from orchestrator.train.driver import PreflightError, preflight
+from orchestrator.train.driver import PreflightError, preflight, required_keys
 from orchestrator.train.metrics import MetricsHistory, read_history
 from orchestrator.train.state import (
     CheckpointError,
@@ -128,6 +129,23 @@ def test_preflight_refuses_a_resume_that_cannot_work(tmp_path, synth_data):
     )
 
 
+def test_preflight_refuses_caption_kinds_the_shards_do_not_have(tmp_path, synth_data):
+    data = f"data.train_uri={synth_data / 'train'}"
+    cfg = _cfg(tmp_path, data, "data.caption_ratios={short: 0.5, shrot: 0.5}")
+    with pytest.raises(PreflightError) as info:
+        preflight(cfg)
+    msg = str(info.value)
+    assert "caption kind(s) ['shrot']" in msg and "(records per kind: long 96, short 96)" in msg
+    assert "\n" not in msg
+    assert preflight(_cfg(tmp_path, data, "data.caption_ratios={long: 1.0}")) is None
+    # an objective that reads no synthetic caption (MUG on alt-text) is not held to it
+    mug = config_lib.load(
+        RECIPES_DIR / "mug_tiny.yaml",
+        [data, f"run.storage_uri={tmp_path}/runs", "data.caption_ratios={shrot: 1.0}"],
+    )
+    assert "syn_ids" not in required_keys(mug) and preflight(mug) is None
+
+
 def test_restore_into_another_model_names_the_mismatch_in_one_line(tmp_path):
     cfg = _cfg(tmp_path)
     _write_run(cfg, str(tmp_path / "run"), (10,))
@@ -208,3 +226,43 @@ def test_printed_checkpoint_uris_can_be_pasted_into_tips_eval(tmp_path):
     )
     local = _cfg(tmp_path)
     assert pasteable_uri("/abs/runs/r/checkpoint_00000010", local).startswith("/abs/")
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_checkpoints_and_the_same_command_resumes(tmp_path, synth_data):
+    """SIGINT to `tips train`: exit 130 with one line naming the newest checkpoint; running
+    the same command again resumes from it (not from Ray's snapshot, not from step 0)."""
+    import signal
+    import time
+
+    args = [
+        sys.executable, "-m", "orchestrator", "train", f"recipe={TINY}",
+        f"data.train_uri={synth_data / 'train'}", f"run.storage_uri={tmp_path / 'runs'}",
+        "run.name=ctrlc", "train.checkpoint_every_steps=10", "train.eval_every_steps=0",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    first = subprocess.Popen(
+        [*args, "train.total_steps=2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    run = tmp_path / "runs" / "ctrlc"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoint_00000020").exists():
+        time.sleep(0.2)
+    assert (run / "checkpoint_00000020").exists(), "no checkpoint within 240 s"
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("tips train:")]
+    assert len(line) == 1 and "interrupted (newest checkpoint" in line[0], err[-2000:]
+    newest = ckpt.newest_checkpoint(str(run))
+    assert newest in line[0]
+    step = int(newest.rsplit("_", 1)[1])
+    again = subprocess.run(
+        [*args, f"train.total_steps={step + 10}"], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed at step {step}" in again.stdout + again.stderr
+    steps = [json.loads(x)["train/step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 10

@@ -3,7 +3,8 @@
 Fast tests check the sweep schema and its translation to Ray Tune without starting Ray.
 The ``slow`` ones run real sweeps of the tiny recipe (each trial a full Ray Train run fed by
 the Ray Data pipeline) on ``ray.init(num_cpus=2)`` with the dashboard on, because Train's
-placement-group cleanup after an early stop needs the State API (RAY_NOTES 2.2).
+placement-group cleanup after an early stop needs the State API
+(docs/ray.md, "Early stopping needs the dashboard").
 """
 
 from __future__ import annotations
