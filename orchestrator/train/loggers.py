@@ -245,8 +245,8 @@ def experiment_id_for(client: Any, name: str, artifact_location: str | None = No
 
 
 class WandbSink:
-    """One W&B run: the config once (``config.update``), rows logged against ``train/step``
-    (``define_metric``), so the steps a resume replays are accepted, not dropped."""
+    """One W&B run: the config once (``config.update``), rows logged with ``train/step`` as
+    their step metric (``define_metric``) rather than W&B's own ``_step`` counter."""
 
     name = "wandb"
 

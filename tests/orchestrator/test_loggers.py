@@ -186,6 +186,30 @@ def test_mlflow_gets_params_metrics_per_step_and_resumes_the_same_run(
     assert runs[0].info.status == "FINISHED"
 
 
+def test_a_failed_run_is_marked_failed_and_a_dead_backend_is_dropped(
+    data_cfg, synth_data, tmp_path, caplog
+):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(data_cfg, synth_data, tmp_path, "run.loggers=[tensorboard,mlflow]", "run.name=f")
+    settings = _settings(cfg)  # the default store: sqlite:///<tmp>/runs/mlflow.db
+    loggers = open_loggers(settings, config_lib.to_dict(cfg))
+    loggers.write({"train/step": 1, "loss/total": 1.0}, 1)
+    loggers.close(failed=True)  # what the loop does when a step raises
+    client = MlflowClient(tracking_uri=settings["mlflow_tracking_uri"])
+    run_id = json.loads((tmp_path / "runs" / "f" / STATE_FILE).read_text())["mlflow"]["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    loggers = open_loggers(settings, config_lib.to_dict(cfg))  # the restart: the same run
+    assert client.get_run(run_id).info.status == "RUNNING"
+    client.delete_run(run_id)  # MLflow now refuses writes to it
+    loggers.write({"train/step": 2, "loss/total": 0.5}, 2)  # warned, not raised
+    assert loggers.names == ["tensorboard"]
+    assert "mlflow: writing metrics failed" in caplog.text
+    loggers.write({"train/step": 3, "loss/total": 0.4}, 3)
+    loggers.close()
+
+
 def test_unreachable_tracking_server_fails_the_preflight(
     data_cfg, synth_data, tmp_path, monkeypatch
 ):
