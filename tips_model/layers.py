@@ -15,7 +15,7 @@ its own names and the computation stays the same:
 
 All attention goes through ``F.scaled_dot_product_attention`` (one path on CPU and GPU).
 timm's ``Attention`` / ``Mlp`` / ``LayerScale`` / ``DropPath`` are not used; why is written in
-docs/design-changes.md (item 10).
+docs/design-changes.md (item 11).
 """
 
 from __future__ import annotations
