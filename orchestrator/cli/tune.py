@@ -123,7 +123,9 @@ def main(argv: list[str]) -> int:
         )
         return EXIT_INTERRUPTED
     errors = [r for r in rows if r["error"]]
+    for r in errors:
+        where = f" (Ray's error files: {r['_path']})" if r.get("_path") else ""
+        print(f"{PROG}: {r['trial']} failed: {r['_error_line']}{where}", file=sys.stderr)
     if errors:
-        print(f"tips tune: {len(errors)} trial(s) failed: see {sweep.uri}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(PROG, f"{len(errors)} of {len(rows)} trial(s) failed", EXIT_FAILED)
     return EXIT_OK

@@ -28,6 +28,8 @@ from orchestrator.eval.readers.base import EvalDataset, ReaderError
 from orchestrator.eval.result import EvalResult
 
 TASK = "depth"
+# the eval/<task>/<name> keys it reports (sweeps check their metric against them)
+METRICS = ("rmse", "abs_rel", "delta1", "delta2", "delta3")
 KIND = "depth"
 SILOG_VARIANCE_FOCUS = 0.85  # BTS (Lee et al. 2019) / DINOv2 SigLoss
 

@@ -1,4 +1,6 @@
-"""k-NN classification on frozen global embeddings (the "IN-KNN" column of TIPS_NOTES 10.2).
+"""k-NN classification on frozen global embeddings (TIPS's "IN-KNN" column).
+
+The published numbers: docs/method.md, "Published numbers".
 
 Protocol: DINO's weighted k-NN (Caron et al. 2021, ``eval_knn.py``): L2-normalised
 embeddings of the train split form the memory bank; each val image's k nearest neighbours
@@ -19,6 +21,8 @@ from orchestrator.eval.result import EvalResult
 from orchestrator.eval.runtime import encode_images, native_size
 
 TASK = "knn"
+# the eval/<task>/<name> keys it reports (sweeps check their metric against them)
+METRICS = ("top1", "top5")
 KIND = "classification"
 
 

@@ -24,6 +24,8 @@ from orchestrator.eval.readers.base import EvalDataset, ReaderError
 from orchestrator.eval.result import EvalResult
 
 TASK = "linear_seg"
+# the eval/<task>/<name> keys it reports (sweeps check their metric against them)
+METRICS = ("miou", "pixel_acc")
 KIND = "segmentation"
 
 

@@ -4,14 +4,15 @@ Contract: ``load_encoders(spec) -> Encoders(vision, text, tokenizer, temperature
 in eval mode. ``spec`` is one of
 
 * a checkpoint: a ``checkpoint_<step:08d>/`` directory (``model.pt`` = the objective's
-  state dict, ``config.yaml`` = the resolved run config; shared/DESIGN.md "Checkpoints"),
+  state dict, ``config.yaml`` = the resolved run config; docs/design.md, "Checkpoints"),
   a run directory holding several (the highest step is taken), or its ``model.pt``;
   local or ``s3://`` (copied to a temporary directory first). The objective is rebuilt
   from ``config.yaml`` and loaded strictly; ``which="student"`` takes the student's towers,
   ``which="teacher"`` the EMA vision tower of a full-EMA run (text stays the student's);
 * ``released=<vision.npz>,<text.npz>,<variant>[,<tokenizer.model>]``: the authors' PyTorch
-  files (TIPS_NOTES 9.1) through ``tips_model.checkpoints.load_released``; the SentencePiece
-  model defaults to ``tokenizer.model`` beside the text file (TIPS_NOTES 2).
+  files (docs/method.md, "Released checkpoint files") through
+  ``tips_model.checkpoints.load_released``; the SentencePiece model defaults to
+  ``tokenizer.model`` beside the text file (docs/method.md, "Tokenizer").
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def load_released_encoders(spec: str) -> Encoders:
             "released=<vision.npz>,<text.npz>,<variant>,<tokenizer.model>"
         )
     model = load_released(vision_npz, text_npz, variant)
-    tokenizer = build_tokenizer("sentencepiece", path=str(tok), max_len=64)  # TIPS_NOTES 2
+    # 64 tokens: docs/method.md, "Tokenizer"
+    tokenizer = build_tokenizer("sentencepiece", path=str(tok), max_len=64)
     return Encoders(model.vision, model.text, tokenizer, model.temperature, f"released={spec}")
 
 

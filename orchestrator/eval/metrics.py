@@ -4,9 +4,9 @@ Contract and conventions (percent for accuracies, recalls and IoU; metres for de
 
 * segmentation: ``confusion_matrix`` (rows = true class, columns = predicted; pixels whose
   target is ``ignore_index`` (255) are dropped) -> ``miou`` (per-class IoU =
-  TP / (TP + FP + FN); a class with an empty union, absent from both target and prediction,
-  is NaN and left out of the mean; one that is only predicted scores 0; the mmsegmentation
-  convention, also the TIPS notebook's confusion-matrix mIoU, TIPS_NOTES 10.1);
+  TP / (TP + FP + FN); a class with an empty union, absent from both target and prediction, is NaN
+  and left out of the mean; one that is only predicted scores 0; the mmsegmentation convention, also
+  the TIPS notebook's confusion-matrix mIoU, docs/method.md, "Evaluation protocols");
 * classification: ``topk_accuracy`` (a hit if the label is among the k highest scores);
 * retrieval: ``retrieval_recall`` with several captions per image (COCO 5, Flickr30k 5):
   image->text is a hit at k when any of the image's captions ranks in the top k; text->image

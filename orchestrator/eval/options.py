@@ -1,11 +1,11 @@
 """Settings shared by the evaluation tasks (``tips eval key=value`` sets any of them).
 
-Defaults follow the protocols the tasks cite: TIPS zero-shot segmentation (TIPS_NOTES 10.1:
-9 TCL templates, window 448 / stride 336 at a 448 short side, i.e. window = the model's
-input size and stride = 3/4 of it), DINO k-NN (k = 20, T = 0.07), DINOv2-style linear
-probes (BatchNorm + 1x1 conv on frozen last-layer patch tokens, logits upsampled bilinearly).
-The probe budget (steps, lr) is a fixed small default so that runs are comparable and cheap;
-the papers train probes far longer, so absolute numbers are lower bounds.
+Defaults follow the protocols the tasks cite: TIPS zero-shot segmentation
+(docs/method.md, "Evaluation protocols": 9 TCL templates, window 448 / stride 336 at a 448 short
+side, i.e. window = the model's input size and stride = 3/4 of it), DINO k-NN (k = 20, T = 0.07),
+DINOv2-style linear probes (BatchNorm + 1x1 conv on frozen last-layer patch tokens, logits upsampled
+bilinearly). The probe budget (steps, lr) is a fixed small default so that runs are comparable and
+cheap; the papers train probes far longer, so absolute numbers are lower bounds.
 """
 
 from __future__ import annotations

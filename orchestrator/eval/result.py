@@ -3,7 +3,8 @@
 Contract: each task returns ``EvalResult(task, dataset, metrics, num_images)``; metric values
 are plain floats in the units the task names (percent for accuracies, recalls and mIoU;
 metres for depth errors). ``flat_metrics`` turns a list of results into the flat namespaced
-keys used with training metrics (``eval/zero_shot_seg/miou``, STYLE.md 4).
+keys used with training metrics (``eval/zero_shot_seg/miou``,
+docs/design.md, "Metric keys").
 """
 
 from __future__ import annotations

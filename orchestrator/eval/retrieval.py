@@ -1,11 +1,11 @@
 """Image-text retrieval, both directions: Recall@1/5/10 (COCO 5k / Flickr30k 1k test).
 
-Protocol (CLIP / ALIGN; TIPS README Flickr I->T and T->I, TIPS_NOTES 10.2): every image of
-the test split against every caption of it (5 per image); similarity = cosine of the
-L2-normalised global image embedding (``cls_alt`` by default, ``cls=syn`` switches; which
-CLS TIPS used for its paper numbers is [open], TIPS_NOTES 10.1) and the pooled text
-embedding. image->text counts a hit when any of the image's captions is in the top k.
-Evaluated split: "test" (or "val").
+Protocol (CLIP / ALIGN; TIPS README Flickr I->T and T->I, docs/method.md, "Published numbers"):
+every image of the test split against every caption of it (5 per image); similarity = cosine of the
+L2-normalised global image embedding (``cls_alt`` by default, ``cls=syn`` switches; which CLS TIPS
+used for its paper numbers is [open], docs/method.md, "Evaluation protocols") and the pooled text
+embedding. image->text counts a hit when any of the image's captions is in the top k. Evaluated
+split: "test" (or "val").
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from orchestrator.eval.result import EvalResult
 from orchestrator.eval.runtime import encode_images, encode_texts, native_size
 
 TASK = "retrieval"
+# the eval/<task>/<name> keys it reports (sweeps check their metric against them)
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 KIND = "captions"
 
 

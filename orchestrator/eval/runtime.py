@@ -1,7 +1,8 @@
 """Device, precision, batching and preprocessing shared by the evaluation tasks.
 
 Contract: images enter as uint8 [H, W, 3] numpy arrays (from a reader's ``Split``) and reach
-the model as float [B, 3, S, S] in [0, 1] with no mean/std normalisation (TIPS_NOTES 1.1).
+the model as float [B, 3, S, S] in [0, 1] with no mean/std normalisation here
+(docs/method.md, "Input pixels").
 Global tasks resize the short side to S (bicubic, antialiased) and centre-crop; dense tasks
 resize the whole image to S x S and compare predictions at the label's own resolution.
 On CUDA the encoders run under bf16 autocast; on CPU in fp32. Features leave as fp32.

@@ -1,7 +1,8 @@
 """Zero-shot classification: class-name prompts vs one global image embedding.
 
-Protocol (CLIP; TIPS demos, TIPS_NOTES 1.5 and 10.1): each class embedding is the mean of
-the L2-normalised text embeddings of its prompts (templates filled with the class name),
+Protocol (CLIP; TIPS demos; docs/method.md, "Similarity and temperature" and
+docs/method.md, "Evaluation protocols"): each class embedding is the mean of the
+L2-normalised text embeddings of its prompts (templates filled with the class name),
 re-normalised; logits = cosine(image CLS, class) / temperature; top-1 / top-5 accuracy in
 percent. The CLS is ``cls_alt`` by default (TIPS uses the 1st CLS for zero-shot
 classification) and ``cls=syn`` switches it. Evaluated split: "val" (or "test").
@@ -24,6 +25,8 @@ from tips_model.zero_shot import encode_class_texts, zero_shot_logits
 logger = logging.getLogger(__name__)
 
 TASK = "zero_shot_cls"
+# the eval/<task>/<name> keys it reports (sweeps check their metric against them)
+METRICS = ("top1", "top5")
 KIND = "classification"
 
 

@@ -1,6 +1,7 @@
 """Zero-shot semantic segmentation from patch-text similarity (the TIPS protocol).
 
-Protocol (TIPS_NOTES 10.1; google-deepmind/tips ``TIPS_zeroshot_segmentation.ipynb``):
+Protocol (docs/method.md, "Evaluation protocols"; google-deepmind/tips
+``TIPS_zeroshot_segmentation.ipynb``):
 class embeddings = mean of normalised text embeddings over the prompt templates (9 TCL
 templates by default); patch tokens from the MaskCLIP "values trick" in the last block
 (``vision.forward_value_only_last``), L2-normalised; cosine per patch and class; the image's
@@ -33,6 +34,8 @@ from orchestrator.eval.runtime import (
 from tips_model.zero_shot import encode_class_texts, sliding_window_segmentation
 
 TASK = "zero_shot_seg"
+# the eval/<task>/<name> keys it reports (sweeps check their metric against them)
+METRICS = ("miou", "pixel_acc")
 KIND = "segmentation"
 
 

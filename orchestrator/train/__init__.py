@@ -6,7 +6,8 @@
     optim.py     AdamW / Adafactor, parameter groups, LR / WD / momentum schedules
     adafactor.py the Adafactor optimizer (big_vision's variant)
     parallel.py  DDP / FSDP wrapping, gathering full state for checkpoints
-    metrics.py   metrics history, TensorBoard, the progress line, collapse monitoring
+    metrics.py   metrics history, the progress line, collapse monitoring
+    loggers.py   experiment trackers (TensorBoard, MLflow, W&B) fed by rank 0
     xla.py       the torch_xla (TPU) step
 
 Submodules are imported where used: ``driver`` pulls in Ray, the rest only torch.

@@ -48,6 +48,18 @@ def _incarnations(result: Any) -> int:
         return 0
 
 
+def _error_line(error: BaseException | None) -> str:
+    """A failed trial's root cause in one line (the worker's exception, not Ray's wrappers)."""
+    if error is None:
+        return ""
+    from orchestrator.train.driver import failure_line
+
+    line = failure_line(error)
+    # the trial driver re-raises the run's error as "trial <id>: training failed: <error>"
+    head, sep, rest = line.partition("training failed: ")
+    return rest.splitlines()[0] if sep else line
+
+
 def collect(grid: Any, sweep: Sweep) -> list[dict[str, Any]]:
     """One row per trial, sorted best first (trials without the metric last)."""
     metric, mode = sweep.spec.metric, sweep.spec.mode
@@ -72,6 +84,8 @@ def collect(grid: Any, sweep: Sweep) -> list[dict[str, Any]]:
                 "incarnations": _incarnations(result),
                 "_history": history,
                 "_overrides": overrides,
+                "_error_line": _error_line(result.error),
+                "_path": getattr(result, "path", None),
             }
         )
     # Trials that ran the whole budget first, ranked by their final metric; then the ones a

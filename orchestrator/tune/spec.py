@@ -324,6 +324,14 @@ def _check_metric(sweep: Sweep) -> None:
         src,
         f"metric={s.metric!r}: trials report keys starting with {list(METRIC_PREFIXES)}",
     )
+    if s.metric.startswith("loss/"):
+        terms = ("total", *sweep.base.objective.loss_terms())
+        _need(
+            s.metric[5:] in terms,
+            src,
+            f"metric={s.metric!r}: objective {sweep.base.objective.name} reports "
+            f"{[f'loss/{t}' for t in terms]}",
+        )
     if s.metric.startswith("eval/"):
         parts = s.metric.split("/")
         _need(len(parts) == 3, src, f"metric={s.metric!r}: eval metrics are eval/<task>/<name>")
@@ -338,6 +346,10 @@ def _check_metric(sweep: Sweep) -> None:
             f"metric={s.metric!r}: task {parts[1]!r} is not in train.eval_tasks="
             f"{list(t.eval_tasks)}",
         )
+        from orchestrator.eval.tasks import get_task
+
+        known = [f"eval/{parts[1]}/{n}" for n in get_task(parts[1]).METRICS]
+        _need(s.metric in known, src, f"metric={s.metric!r}: task {parts[1]} reports {known}")
 
 
 def first_metric_step(sweep: Sweep) -> int:

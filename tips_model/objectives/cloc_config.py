@@ -1,5 +1,5 @@
 """Config of the CLOC objective (Chen et al., "Contrastive Localized Language-Image
-Pre-Training", ICML 2025, arXiv 2410.02746; shared/TIPS_NOTES.md §11).
+Pre-Training", ICML 2025, arXiv 2410.02746; docs/method.md, "CLOC").
 
 Source tags: [paper] = abstract (arxiv.org/html/2410.02746v2: CLIP + region-text contrastive
 loss and modules, "promptable embeddings" turned into region representations given spatial
@@ -78,3 +78,11 @@ class ClocObjectiveConfig:
     @property
     def uses_regions(self) -> bool:
         return self.uses_region_contrastive or self.uses_grounding
+
+    def loss_terms(self) -> tuple[str, ...]:
+        """The ``losses`` keys a forward reports (``loss/<term>`` in metrics)."""
+        terms = ["contrastive_alt"] if self.clip_captions in ("alt", "both") else []
+        terms += ["contrastive_syn"] if self.clip_captions in ("syn", "both") else []
+        terms += ["region_contrastive"] if self.uses_region_contrastive else []
+        terms += ["grounding_l1", "grounding_giou"] if self.uses_grounding else []
+        return tuple(terms)

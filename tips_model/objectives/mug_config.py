@@ -1,5 +1,5 @@
 """Config of the MUG objective (Zhao et al., "Vision Learners Meet Web Image-Text Pairs",
-TMLR 2024, arXiv 2301.07088; shared/TIPS_NOTES.md §12).
+TMLR 2024, arXiv 2301.07088; docs/method.md, "MUG").
 
 Source tags: [paper] = abstract (arxiv.org/html/2301.07088v3, purely generative: masked image
 reconstruction + caption generation on web image-text pairs); [demo] = the authors' public demo
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MugObjectiveConfig:
-    """MUG: L = w_rec * L_rec + lambda * L_cap (TIPS_NOTES 12)."""
+    """MUG: L = w_rec * L_rec + lambda * L_cap (docs/method.md, "MUG")."""
 
     name: str = "mug"
     # --- weights (0 switches a term and its decoder off) ---
@@ -61,3 +61,9 @@ class MugObjectiveConfig:
                 raise ValueError(f"objective.{dim} must be divisible by objective.{heads}")
         if self.decoder_dim % 4:
             raise ValueError("objective.decoder_dim must be divisible by 4 (2-D sincos positions)")
+
+    def loss_terms(self) -> tuple[str, ...]:
+        """The ``losses`` keys a forward reports (``loss/<term>`` in metrics)."""
+        terms = ["reconstruction"] if self.reconstruction_weight > 0 else []
+        terms += ["caption"] if self.caption_weight > 0 else []
+        return tuple(terms)

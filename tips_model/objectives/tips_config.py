@@ -1,8 +1,9 @@
 """Config dataclasses of the TIPS and TIPSv2 objectives (every [open] value cited).
 
 Kept apart from the objective code so the orchestrator can validate a recipe without
-building a model. Sources are shared/TIPS_NOTES.md sections; "[paper]" values are stated
-in the TIPS paper's setup text, "[open]" ones are fallbacks (mostly DINOv2's defaults).
+building a model. Sources are sections of docs/method.md, named by heading; "[paper]" values
+are stated in the TIPS paper's setup text, "[open]" ones are fallbacks (mostly DINOv2's
+defaults), and "[open] QN" is item N of docs/method.md, "Open questions".
 """
 
 from __future__ import annotations
@@ -12,36 +13,39 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TipsObjectiveConfig:
-    """TIPS (ICLR 2025): L = L_contr + alpha * L_distill + beta * L_MIM (TIPS_NOTES 3.1)."""
+    """TIPS (ICLR 2025): L = L_contr + alpha * L_distill + beta * L_MIM.
+
+    docs/method.md, "Loss weights".
+    """
 
     name: str = "tips"
     # --- weights ---
     alpha: float = 1.0  # [paper] self-distillation weight
     beta: float = 2.0  # [paper] masked-image-modelling weight
-    contrastive_alt_weight: float = 1.0  # [open] 13.5: the two contrastive terms assumed 1:1
-    contrastive_syn_weight: float = 1.0  # [open] 13.5
-    koleo_weight: float = 0.0  # [open] 3.7: DINOv2 uses 0.1; no evidence TIPS does
+    contrastive_alt_weight: float = 1.0  # [open] Q5: the two contrastive terms assumed 1:1
+    contrastive_syn_weight: float = 1.0  # [open] Q5
+    koleo_weight: float = 0.0  # [open] "KoLeo": DINOv2 uses 0.1; no evidence TIPS does
     # --- contrastive ---
-    gather_negatives: bool = True  # [open] 13.5: negatives from all workers (CLIP practice)
-    contrastive_view: str = "masked"  # [open] 13.4: "masked" student pass | "unmasked" extra pass
-    # --- heads (TIPS_NOTES 7.2, DINOv2 DINOHead) ---
-    dino_cls: str = "alt"  # [open] 13.4: which CLS feeds the DINO head: alt | syn
+    gather_negatives: bool = True  # [open] Q5: negatives from all workers (CLIP practice)
+    contrastive_view: str = "masked"  # [open] Q4: "masked" student pass | "unmasked" extra pass
+    # --- heads (docs/method.md, "DINO head and loss bookkeeping"; DINOv2 DINOHead) ---
+    dino_cls: str = "alt"  # [open] Q4: which CLS feeds the DINO head: alt | syn
     head_out_dim: int = 65536  # [open] K prototypes; DINOv2 65536 (131072 for L/g)
     head_hidden_dim: int = 2048  # DINOv2
     head_bottleneck_dim: int = 256  # DINOv2 (384 for L/g)
     head_nlayers: int = 3  # DINOv2
-    separate_ibot_head: bool = False  # [open] 13.2: DINOv2 L/g configs use a separate head
+    separate_ibot_head: bool = False  # [open] Q2: DINOv2 L/g configs use a separate head
     # --- targets ---
-    centering: str = "softmax"  # TIPS_NOTES 3.3 quotes softmax centering; or "sinkhorn"
+    centering: str = "softmax"  # "DINO CLS distillation" quotes softmax centering; or "sinkhorn"
     sinkhorn_iterations: int = 3  # DINOv2
     center_momentum: float = 0.9  # [open] DINOv2
     student_temp: float = 0.1  # [open] DINOv2
-    # --- MIM ---
-    mim_tokens: str = "masked"  # "masked" = iBOT (TIPS); "all" = iBOT++ (TIPSv2, 3.5)
-    mim_masked_weight: float = 1.0  # [open] 13.6: iBOT++ weight of masked tokens
-    mim_visible_weight: float = 1.0  # [open] 13.6: iBOT++ weight of visible tokens
-    # --- teacher ---
-    teacher: str = "full_ema"  # "full_ema" (TIPS) | "head_ema" (TIPSv2 head-only EMA, 6)
+    # --- MIM (docs/method.md, "iBOT masked image modelling"; "TIPSv2 all-token iBOT") ---
+    mim_tokens: str = "masked"  # "masked" = iBOT (TIPS); "all" = iBOT++ (TIPSv2)
+    mim_masked_weight: float = 1.0  # [open] Q6: iBOT++ weight of masked tokens
+    mim_visible_weight: float = 1.0  # [open] Q6: iBOT++ weight of visible tokens
+    # --- teacher (docs/method.md, "Teacher EMA and schedules") ---
+    teacher: str = "full_ema"  # "full_ema" (TIPS) | "head_ema" (TIPSv2 head-only EMA)
 
     def __post_init__(self) -> None:
         choices = {
@@ -59,11 +63,20 @@ class TipsObjectiveConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key} must be >= 0 (0 switches the term off)")
 
+    def loss_terms(self) -> tuple[str, ...]:
+        """The ``losses`` keys a forward reports (``loss/<term>`` in metrics)."""
+        terms = ["contrastive_alt", "contrastive_syn"]
+        terms += ["dino"] if self.alpha > 0 else []
+        terms += ["ibot"] if self.beta > 0 else []
+        terms += ["koleo"] if self.koleo_weight > 0 else []
+        return tuple(terms)
+
 
 @dataclass(frozen=True)
 class TipsV2ObjectiveConfig(TipsObjectiveConfig):
-    """TIPSv2: iBOT++ on all patch tokens and head-only EMA (TIPS_NOTES 3.5, 6, 8)."""
+    """TIPSv2: iBOT++ on all patch tokens and head-only EMA (docs/method.md, "TIPSv2 changes")."""
 
     name: str = "tipsv2"
-    mim_tokens: str = "all"  # iBOT++ (TIPS_NOTES 3.5)
-    teacher: str = "head_ema"  # head-only EMA, student backbone as teacher (TIPS_NOTES 6)
+    mim_tokens: str = "all"  # iBOT++ (docs/method.md, "TIPSv2 all-token iBOT")
+    # head-only EMA, student backbone as teacher (docs/method.md, "Teacher EMA and schedules")
+    teacher: str = "head_ema"

@@ -13,7 +13,8 @@ JSON (Karpathy & Fei-Fei 2015, ``neuraltalk2`` release)::
       "split": "train|restval|val|test", "sentences": [{"raw": "A man ..."}, ...]}, ...]}
 
 The standard retrieval test sets are the "test" splits: 5,000 COCO images / 1,000 Flickr30k
-images with 5 captions each (CLIP, ALIGN, TIPS_NOTES 10.2). "restval" counts as "train".
+images with 5 captions each (CLIP, ALIGN; docs/method.md, "Published numbers"). "restval"
+counts as "train".
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ ADE20K scene parsing (Zhou et al. 2017; 150 classes)::
     ROOT/objectInfo150.txt                              optional: class names
 
 ADE label 0 ("other") becomes 255 (ignored) and class k becomes k-1, the mmsegmentation
-``reduce_zero_label`` convention also used by the TIPS zero-shot notebook (TIPS_NOTES 10.1).
+``reduce_zero_label`` convention also used by the TIPS zero-shot notebook
+(docs/method.md, "Evaluation protocols").
 """
 
 from __future__ import annotations
