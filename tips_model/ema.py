@@ -4,10 +4,12 @@ Contract:
     make_teacher(student, shared=()) -> teacher      deep copy, frozen, eval mode
     ema_update_(teacher, student, momentum)          theta_t <- m theta_t + (1 - m) theta_s
 
-TIPS v1 (TIPS_NOTES.md §6): full EMA teacher, backbone + heads, "DINO-style":
+TIPS v1: full EMA teacher, backbone + heads, "DINO-style"
+(docs/method.md, "Teacher EMA and schedules"):
     teacher = make_teacher(student);  ema_update_(teacher, student, m)
-TIPSv2 head-only EMA (TIPS_NOTES.md §6, §8.3): the teacher re-uses the student backbone
-(run under no_grad) and only the heads keep an EMA copy. Two equivalent ways:
+TIPSv2 head-only EMA (docs/method.md, "Teacher EMA and schedules";
+docs/method.md, "TIPSv2 changes", item 3): the teacher re-uses the student backbone (run under
+no_grad) and only the heads keep an EMA copy. Two equivalent ways:
     teacher_heads = make_teacher(student.heads);  ema_update_(teacher_heads, student.heads, m)
 or, so that the generic training loop's ``ema_update_(objective.teacher, objective.student,
 m)`` works unchanged, a teacher with the student's parameter names whose backbone *is* the

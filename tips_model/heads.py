@@ -3,9 +3,11 @@
 Contract: ``DINOHead(in_dim, out_dim)`` maps backbone features ``[..., in_dim]`` (CLS tokens
 ``[B, D]`` or patch tokens ``[B, N, D]``) to prototype logits ``[..., out_dim]``. The same class
 serves the CLS-level DINO head and the patch-level iBOT head; whether TIPS shares one head
-between the two is [open] (TIPS_NOTES.md §3.4), so objectives build one or two instances.
+between the two is [open] (docs/method.md, "iBOT masked image modelling"), so objectives build
+one or two instances.
 
-Architecture (TIPS_NOTES.md §7.2, after ``dinov2/layers/dino_head.py``):
+Architecture (docs/method.md, "DINO head and loss bookkeeping", after
+``dinov2/layers/dino_head.py``):
     MLP in -> hidden -> ... -> bottleneck (GELU between layers, no BatchNorm, trunc-normal(0.02)
     weights, zero biases) -> L2-normalise -> weight-normalised ``Linear(bottleneck, K,
     bias=False)`` whose magnitude ``g`` starts at 1 and is trained (not frozen).

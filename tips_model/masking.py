@@ -5,16 +5,16 @@ Contract:
     sample_mask(generator, rng, ...) -> bool [h, w]              one record (data pipeline)
     sample_batch_masks(batch_size, generator, rng, ...) -> bool [B, h, w]   DINOv2 collate
 
-The TIPS masking recipe is [open] (TIPS_NOTES.md §4, §13.2); every default here is DINOv2's
-(``dinov2/data/masking.py`` MaskingGenerator, ``dinov2/data/collate.py``,
-``dinov2/train/train.py``): rectangles of area ~U[min_num_patches, remaining budget] with a
-log-uniform aspect ratio in [0.3, 1/0.3], at most 0.5*N patches per rectangle, up to 10 tries
-per rectangle, stopping at the target count or when a rectangle adds nothing; masks are drawn
-for a fraction 0.5 of the images with a ratio in [0.1, 0.5].
+The TIPS masking recipe is [open] (docs/method.md, "Masking"; docs/method.md, "Open questions",
+item 2); every default here is DINOv2's (``dinov2/data/masking.py`` MaskingGenerator,
+``dinov2/data/collate.py``, ``dinov2/train/train.py``): rectangles of area ~U[min_num_patches,
+remaining budget] with a log-uniform aspect ratio in [0.3, 1/0.3], at most 0.5*N patches per
+rectangle, up to 10 tries per rectangle, stopping at the target count or when a rectangle adds
+nothing; masks are drawn for a fraction 0.5 of the images with a ratio in [0.1, 0.5].
 
-Randomness is an explicit ``np.random.Generator`` (STYLE.md §6); the data pipeline seeds one
-per record so masks are reproducible and resumable. The masked count never exceeds the
-target and may fall short of it when no further rectangle fits (typically by a few
+Randomness is an explicit ``np.random.Generator`` (docs/design.md, "Randomness"); the data
+pipeline seeds one per record so masks are reproducible and resumable. The masked count never
+exceeds the target and may fall short of it when no further rectangle fits (typically by a few
 patches).
 """
 

@@ -3,7 +3,8 @@
 Contract: every builder returns a float64 array of length ``total_steps``; the loop reads
 ``at(schedule, step)``, which clamps past the end. Arrays (not closures) are what dinov2
 (``dinov2/utils/utils.py CosineScheduler``) and big_vision use: they are logged, plotted and
-checkpoint-free (rebuilt from the config at every (re)start, STYLE.md §3.4 ``derive``).
+checkpoint-free (rebuilt from the config at every (re)start, like ``derive``:
+docs/design.md, "Config").
 
 Conventions (shared by all builders, W = warmup_steps, T = total_steps):
     steps 0 .. W-1   linear warm-up ``warmup_start + (base - warmup_start) * step / W``
@@ -13,17 +14,18 @@ DINOv2 differs by a step at both ends (its warm-up ``linspace`` ends on ``base``
 early and its cosine stops one step short of ``final``), which matters for EMA momentum: here
 the last step uses exactly m = 1.0.
 
-Recipes (TIPS_NOTES.md §6, §7):
+Recipes (docs/method.md, "Teacher EMA and schedules"; docs/method.md, "Optimizer and schedule"):
     lr, TIPS paper     linear_schedule(5e-4, 0.0, T, warmup_steps=1.4 epochs)  (Adafactor)
     lr, DINOv2         cosine_schedule(lr, 1e-6, T, warmup_steps)
     weight decay       cosine_schedule(0.04, 0.4, T)  (DINOv2)
     teacher temp       teacher_temp_schedule(warmup_start=0.04, final=0.07, ...)  (DINOv2)
     EMA momentum       ema_momentum_schedule(T)  (DINOv2 cosine 0.992 -> 1.0; 0.994 for L/g)
 
-SILC caution (TIPS_NOTES.md §6): when contrastive learning is combined with
-self-distillation, SILC keeps the EMA momentum *fixed* instead of annealing it to 1.0, so the
-teacher keeps following the text-driven improvements of the student. For a TIPS v1 full-EMA
-teacher consider ``constant_schedule(0.996, T)``-style momentum; the TIPS value is [open].
+SILC caution (docs/method.md, "Teacher EMA and schedules"): when contrastive learning is
+combined with self-distillation, SILC keeps the EMA momentum *fixed* instead of annealing it to
+1.0, so the teacher keeps following the text-driven improvements of the student. For a TIPS v1
+full-EMA teacher consider ``constant_schedule(0.996, T)``-style momentum; the TIPS value is
+[open].
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def teacher_temp_schedule(
 ) -> np.ndarray:
     """DINO teacher temperature: linear warm-up ``warmup_start -> final``, then constant.
 
-    DINOv2 warms 0.04 -> 0.07 over 30 epochs (TIPS_NOTES.md §6); the TIPS values are [open].
+    DINOv2 warms 0.04 -> 0.07 over 30 epochs (docs/method.md, "Teacher EMA and schedules"); the
+    TIPS values are [open].
     Keyword-only so the (start, final, warm-up, total) order of the docs cannot be confused.
 
     Returns:

@@ -5,11 +5,11 @@ padding and never a real token, longer texts are truncated; ``tok.vocab_size`` a
 ``tok.max_len`` are attributes. Tokenizers are picklable (they are shipped to Ray Data
 workers): each pickles its configuration / model bytes and rebuilds the native object lazily.
 
-* ``SentencePieceTokenizer``: the released ``tokenizer.model`` (TIPS_NOTES 2; 32000 pieces,
-  shared by v1 and v2): lower-case, no BOS/EOS, pad 0, max_len 64. The reference lower-cases
-  with ``tf.strings.lower`` whose default encoding '' is ASCII-only (google-deepmind/tips
-  ``pytorch/text_encoder.py Tokenizer``; TensorFlow ``StringLower`` docs), so only A-Z are
-  lower-cased here too.
+* ``SentencePieceTokenizer``: the released ``tokenizer.model`` (docs/method.md, "Tokenizer";
+  32000 pieces, shared by v1 and v2): lower-case, no BOS/EOS, pad 0, max_len 64. The reference
+  lower-cases with ``tf.strings.lower`` whose default encoding '' is ASCII-only
+  (google-deepmind/tips ``pytorch/text_encoder.py Tokenizer``; TensorFlow ``StringLower`` docs),
+  so only A-Z are lower-cased here too.
 * ``BpeTokenizer``: for training from scratch offline, open_clip's bundled CLIP BPE vocabulary
   (49408 ids, ``open_clip.tokenizer.SimpleTokenizer``, which cleans and lower-cases), with its
   start/end-of-text tokens; the end token is kept when truncating, as open_clip does. CLIP's
@@ -61,7 +61,7 @@ class SentencePieceTokenizer:
 
     Args:
         model_path: path to ``tokenizer.model`` (e.g. downloaded from the TIPS release).
-        max_len: output length (TIPS_NOTES 2: 64).
+        max_len: output length (64: docs/method.md, "Tokenizer").
 
     Raises:
         FileNotFoundError: the model file does not exist.

@@ -5,16 +5,17 @@ Contracts:
 * ``encode_class_texts(text_model, tokenizer, class_names, templates) -> [C,D]``: the mean of
   L2-normalised text embeddings over the templates, re-normalised;
 * ``zero_shot_logits(image_emb [B,D], class_emb [C,D], temperature) -> [B,C]``: cosine /
-  temperature (TIPS_NOTES 1.5: the temperature divides, it is not a log-scale);
+  temperature (the temperature divides, it is not a log-scale:
+  docs/method.md, "Similarity and temperature");
 * ``dense_patch_logits(vision, images, class_emb) -> [B,C,h,w]``: cosine between L2-normalised
   MaskCLIP "values trick" patch tokens and the class embeddings;
 * ``sliding_window_segmentation(...) -> [B,C,H,W]`` class probabilities.
 
 The dense protocol is the authors' zero-shot segmentation notebook (google-deepmind/tips
-``pytorch/TIPS_zeroshot_segmentation.ipynb``; TIPS_NOTES 10.1): 448-px windows with stride
-336; a window whose side is not a multiple of the patch is resized (bicubic) up to the next
-multiple; per window the patch cosines are upsampled (bilinear) to the window size and
-soft-maxed over classes (no temperature); overlapping windows are averaged. The 9 TCL
+``pytorch/TIPS_zeroshot_segmentation.ipynb``; docs/method.md, "Evaluation protocols"): 448-px
+windows with stride 336; a window whose side is not a multiple of the patch is resized (bicubic)
+up to the next multiple; per window the patch cosines are upsampled (bilinear) to the window
+size and soft-maxed over classes (no temperature); overlapping windows are averaged. The 9 TCL
 prompt templates come from the same notebook (7 ImageNet templates used by TCL + 2).
 """
 
@@ -128,7 +129,9 @@ def sliding_window_segmentation(
     stride: int = 336,
     out_size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Zero-shot segmentation probabilities by sliding windows (TIPS_NOTES 10.1).
+    """Zero-shot segmentation probabilities by sliding windows.
+
+    Protocol: docs/method.md, "Evaluation protocols".
 
     Args:
         vision: the image tower.

@@ -1,7 +1,8 @@
 """Test-only oracle: the TIPS reference forward, computed functionally from released weights.
 
 An independent re-implementation of the authors' PyTorch inference code, from a flat dict of
-numpy arrays in the released key layout (shared/TIPS_NOTES.md 9.1), with plain torch ops only:
+numpy arrays in the released key layout (docs/method.md, "Released checkpoint files"), with
+plain torch ops only:
 conv2d, layer_norm, manual softmax attention (deliberately NOT scaled_dot_product_attention),
 gelu/silu/relu, bilinear antialiased interpolation. Semantics as read in google-deepmind/tips:
 
@@ -172,11 +173,11 @@ def reference_text(w: Weights, ids: torch.Tensor, heads: int) -> torch.Tensor:
     return x.sum(dim=1) / (keep.sum(dim=1, keepdim=True) + 1e-8)
 
 
-# ---- released key layout (TIPS_NOTES 9.1), for building test weights ---------------------------
+# ---- released key layout (docs/method.md, "Released checkpoint files"), for test weights ------
 
 
 def vision_shapes(d: int, depth: int, mlp: int, grid: int, swiglu: bool, patch: int = 14) -> dict:
-    """Key -> shape of a released ``*_vision.npz`` (written from TIPS_NOTES 9.1)."""
+    """Key -> shape of a released ``*_vision.npz`` (docs/method.md, "Released checkpoint files")."""
     shapes = {
         "cls_token": (1, 1, d),
         "register_tokens": (1, 1, d),
@@ -226,7 +227,10 @@ def vision_shapes(d: int, depth: int, mlp: int, grid: int, swiglu: bool, patch: 
 
 
 def text_shapes(d: int, depth: int, mlp: int, vocab: int = 32000) -> dict:
-    """Key -> shape of a released ``*_text.npz`` without ``temperature`` (TIPS_NOTES 9.1)."""
+    """Key -> shape of a released ``*_text.npz`` without ``temperature``.
+
+    Layout: docs/method.md, "Released checkpoint files".
+    """
     shapes = {"token_embedding.weight": (vocab, d), "ln_final.weight": (d,), "ln_final.bias": (d,)}
     for i in range(depth):
         p = f"transformer.resblocks.{i}."

@@ -25,7 +25,8 @@ from tips_model.checkpoints import (
 from tips_model.text import build_text
 from tips_model.vision import build_vision
 
-# variant -> (width, heads, vision mlp, swiglu, text depth, test depth); TIPS_NOTES 1.1 / 1.4.
+# variant -> (width, heads, vision mlp, swiglu, text depth, test depth);
+# docs/method.md, "Vision encoder" and docs/method.md, "Text encoder".
 VARIANTS = {
     "S": (384, 6, 1536, False, 12, 2),
     "B": (768, 12, 3072, False, 12, 2),
@@ -127,7 +128,10 @@ def test_released_parity_masks_and_value_trick(released):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_size_layout_loads_strict(variant):
-    """Released key names/shapes at full depth (TIPS_NOTES 9.1) fit every factory (meta)."""
+    """Released key names/shapes at full depth fit every factory (meta).
+
+    docs/method.md, "Released checkpoint files".
+    """
     d, _, mlp, swiglu, text_depth, _ = VARIANTS[variant]
     grid = 32  # 448-px files; g14-LR would be 16
     v_expected = ref.vision_shapes(d, FULL_VISION_DEPTH[variant], mlp, grid, swiglu)

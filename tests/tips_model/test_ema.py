@@ -111,7 +111,10 @@ def test_ema_rejects_mismatched_shapes():
 
 
 def test_head_only_teacher_shares_backbone_and_emas_heads():
-    """TIPSv2 head-only EMA (TIPS_NOTES.md §6): backbone shared, heads moved by EMA."""
+    """TIPSv2 head-only EMA: backbone shared, heads moved by EMA.
+
+    docs/method.md, "Teacher EMA and schedules".
+    """
     student = _net()
     teacher = make_teacher(student, shared=("backbone",))
     # 1. the backbone is the student's own: same modules, same storage, still trainable

@@ -41,7 +41,7 @@ def test_registry_and_factories():
 
 
 @pytest.mark.parametrize(
-    "name,millions",  # TIPS_NOTES 1.4 [ran]: README text parameter counts
+    "name,millions",  # docs/method.md, "Text encoder" [ran]: README text parameter counts
     [
         ("text_s", 33.6),
         ("text_b", 109.6),

@@ -48,7 +48,8 @@ def test_registry_and_factories():
 
 @pytest.mark.parametrize(
     "name,millions",
-    # TIPS_NOTES 1.1 [ran]: the PyTorch model at img_size=448 (LayerScale, mask token, CLS slot)
+    # docs/method.md, "Vision encoder" [ran]: the PyTorch model at img_size=448 (LayerScale,
+    # mask token, CLS slot)
     [
         ("vit_s14", 21.92),
         ("vit_b14", 86.32),

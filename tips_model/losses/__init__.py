@@ -7,7 +7,8 @@ Pure functions of tensors, plus thin ``nn.Module`` s where a centre is held:
     koleo_loss         KoLeo spreading regulariser (koleo.py)
     softmax_center, sinkhorn_knopp, soft_cross_entropy, target_stats   teacher targets (targets.py)
 
-Every term is returned unweighted; objectives weight and name them (STYLE.md §1.4).
+Every term is returned unweighted; objectives weight and name them
+(docs/design.md, "Objective contract").
 """
 
 from __future__ import annotations

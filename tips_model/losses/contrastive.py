@@ -4,10 +4,11 @@ Contract:
     contrastive_loss(image_emb [B, D], text_emb [B, D], temperature) -> scalar
     = 1/2 [CE(image -> text) + CE(text -> image)], logits = cos / temperature.
 
-Sources: TIPS_NOTES.md §3.2 (L_NCE, one call per CLS/caption pair: ``contrastive_alt`` with
-alt-text, ``contrastive_syn`` with the synthetic caption) and §1.5 (TIPS *divides* cosine
-similarity by a plain scalar temperature; released values 0.0036-0.0051, i.e. logit scales
-above CLIP's clamp of 100, so no clamp here).
+Sources: docs/method.md, "Dual-caption contrastive loss" (L_NCE, one call per CLS/caption pair:
+``contrastive_alt`` with alt-text, ``contrastive_syn`` with the synthetic caption) and
+docs/method.md, "Similarity and temperature" (TIPS *divides* cosine similarity by a plain scalar
+temperature; released values 0.0036-0.0051, i.e. logit scales above CLIP's clamp of 100, so no clamp
+here).
 
 Distributed (gather=True and world size > 1): embeddings of all ranks are gathered *with*
 gradient (functional ``all_gather_single``, or ``torch.distributed.nn.functional.all_gather``

@@ -6,7 +6,7 @@ on L2-normalised rows, nn(i) = the nearest other row (max cosine similarity).
 
 Sources: Sablayrolles et al. 2018 "Spreading vectors for similarity search"; DINOv2 applies
 it with weight 0.1 to the student CLS of each global crop separately
-(``dinov2/loss/koleo_loss.py``, TIPS_NOTES.md §3.7). No evidence TIPS uses it [open]: the
+(``dinov2/loss/koleo_loss.py``, docs/method.md, "KoLeo"). No evidence TIPS uses it [open]: the
 objective enables it through a non-zero weight. Differences from DINOv2: the distance is the
 plain Euclidean norm (DINOv2's ``PairwiseDistance`` adds eps inside the difference), and the
 diagonal is excluded with -inf, so two antipodal points still find each other.

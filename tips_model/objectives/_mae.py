@@ -1,5 +1,5 @@
 """MAE-style token dropping for the TIPS vision tower: patchify, random masking, visible-only
-encoding and the masked-patch reconstruction loss (used by MUG, TIPS_NOTES 12).
+encoding and the masked-patch reconstruction loss (used by MUG, docs/method.md, "MUG").
 
 Different from iBOT's masking (``VisionTransformer.prepare_tokens(masks=...)`` substitutes a
 mask token and still runs every patch through the encoder): here masked patches are *dropped*
