@@ -149,7 +149,7 @@ def trial_driver(
     from ray.util.queue import Queue
 
     from orchestrator.storage import is_s3, join_uri
-    from orchestrator.train.driver import absolutize, build_trainer
+    from orchestrator.train.driver import absolutize, build_trainer, fatal_error
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -188,6 +188,22 @@ def trial_driver(
 
     thread = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
     thread.start()
+    _relay_to_tune(relay, metric)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome.get("result")
+    if result is not None and result.error is not None:
+        raise RuntimeError(f"trial {trial_id}: training failed: {result.error}")
+    fatal = fatal_error(cfg, name)  # the workers stopped at an error that would repeat
+    if fatal:
+        raise RuntimeError(f"trial {trial_id}: training failed: {fatal}")
+
+
+def _relay_to_tune(relay: Any, metric: str) -> None:
+    """Forward the Train run's reports to Tune until the run ends: eval metrics carried
+    forward, a report held back until the sweep's metric exists (strict checking), and each
+    checkpoint handed over as a pointer that Tune copies to the sweep's storage."""
     carried: dict[str, float] = {}
     pending_checkpoint: str | None = None
     while True:
@@ -198,12 +214,12 @@ def trial_driver(
         except Exception:  # ray.util.queue.Empty subclasses queue.Empty; be lenient
             continue
         if metrics == _DONE:
-            break
+            return
         carried.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         merged = {**carried, **metrics}
         if path:
             pending_checkpoint = path
-        if metric not in merged:  # hold back until the metric exists (strict checking)
+        if metric not in merged:
             continue
         step = int(merged.get("train/step", 0))
         checkpoint = _pointer_checkpoint(pending_checkpoint, step) if pending_checkpoint else None
@@ -211,9 +227,3 @@ def trial_driver(
         ray.tune.report(merged, checkpoint=checkpoint)
         if checkpoint is not None:  # Tune copied it to the sweep's storage
             shutil.rmtree(checkpoint.path, ignore_errors=True)
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    result = outcome.get("result")
-    if result is not None and result.error is not None:
-        raise RuntimeError(f"trial {trial_id}: training failed: {result.error}")

@@ -357,3 +357,30 @@ def test_expected_trials_counts_grids_times_samples(tmp_path):
     path = _write_sweep(tmp_path, grid + "\n\nnum_samples: 2")
     assert expected_trials(load_sweep(path, [], FILL)) == 6
     assert expected_trials(load_sweep(_write_sweep(tmp_path, BASE_SWEEP), [], FILL)) == 2
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_the_same_way_every_time_is_an_error_with_its_cause(
+    tune_runtime, synth_data, tmp_path, capsys
+):
+    """Workers that stop at a deterministic failure (here the non-finite-loss limit) raise
+    nothing to Ray Train; the trial must still fail, and `tips tune` name its root cause."""
+    path = sweep_file(
+        tmp_path,
+        synth_data,
+        """
+name: fails
+metric: loss/total
+mode: min
+space:
+  model.temperature_init: {grid: [0.07, 1.0e-45]}
+max_concurrent_trials: 1
+""",
+    )
+    args = [f"sweep={path}", "train.total_steps=10", "train.max_nonfinite_steps=2"]
+    assert main_tune(args) == 1
+    err = capsys.readouterr().err
+    failed = [x for x in err.splitlines() if " failed: " in x and x.startswith("tips tune: trial-")]
+    assert len(failed) == 1, err[-3000:]
+    assert "NonFiniteLossError: 2 steps in a row had a non-finite loss" in failed[0]
+    assert "tips tune: 1 of 2 trial(s) failed" in err
