@@ -196,7 +196,10 @@ def _sampler(key: str, entry: dict[str, Any]) -> Sampler:
 
 def _read(path: Path, overrides: list[str]) -> SweepFile:
     if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
+        from orchestrator.recipes import list_sweeps
+
+        names = ", ".join(n for n, _ in list_sweeps())
+        raise SweepError(f"sweep file not found: {path} (packaged sweeps: {names})")
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml errors: name the file
