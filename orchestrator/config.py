@@ -176,6 +176,11 @@ class ScalingSection:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     accelerator_type: str | None = None  # e.g. "A100", "H100": pins workers to a GPU type
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 sharding, large models) | none; README, Training
+    # Ray Train backend (orchestrator/train/driver.py backend_config): auto = gpu with use_gpu,
+    # else cpu; tpu = torch_xla through orchestrator/train/xla.py's TorchXLAConfig, one
+    # worker per chip (resources_per_worker TPU: 1), gradients all-reduced by XLA, not DDP
+    accelerator: str = "auto"  # auto | cpu | gpu | tpu
+    pjrt_device: str = "TPU"  # tpu only: TPU, or CPU (the CPU XLA device standing in: tests)
     placement_strategy: str = "PACK"
     resize_check_interval_s: float = 60.0  # how often an elastic run looks for more capacity
 
@@ -228,6 +233,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.momentum_schedule": ("cosine", "linear", "constant"),
     "train.precision": ("bf16", "fp32"),
     "scaling.strategy": ("ddp", "fsdp", "none"),
+    "scaling.accelerator": ("auto", "cpu", "gpu", "tpu"),
+    "scaling.pjrt_device": ("TPU", "CPU"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "model.tokenizer": ("bpe", "sentencepiece"),
     "model.input_norm": tuple(INPUT_NORMS),
@@ -266,7 +273,10 @@ def _schema(objective_name: str) -> DictConfig:
 
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+        from orchestrator.recipes import list_recipes
+
+        names = ", ".join(n for n, _ in list_recipes())
+        raise ConfigError(f"recipe file not found: {path} (packaged recipes: {names})")
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends: name the file
@@ -463,6 +473,7 @@ def validate(cfg: TipsConfig, source: str = "config") -> None:
     _validate_data(cfg, source)
     _validate_schedule(cfg, source)
     _validate_run(cfg, source)
+    _validate_accelerator(cfg.scaling, source)
     _validate_loggers(cfg.run, source)
 
 
@@ -616,6 +627,49 @@ def _validate_run(cfg: TipsConfig, source: str) -> None:
         bool(cfg.run.name) and "/" not in cfg.run.name,
         source,
         f"run.name={cfg.run.name!r} must be non-empty and contain no '/'",
+    )
+
+
+def accelerator(scaling: ScalingSection) -> str:
+    """``scaling.accelerator`` resolved: ``auto`` is gpu with ``use_gpu``, else cpu."""
+    if scaling.accelerator != "auto":
+        return scaling.accelerator
+    return "gpu" if scaling.use_gpu else "cpu"
+
+
+def _validate_accelerator(s: ScalingSection, source: str) -> None:
+    """The resources each accelerator implies (Ray places workers by them)."""
+    kind, res = accelerator(s), s.resources_per_worker
+    key = f"scaling.accelerator={s.accelerator}"
+    if kind == "gpu":
+        _require(s.use_gpu, source, f"{key} needs scaling.use_gpu=true")
+        return
+    _require(not s.use_gpu, source, f"{key} runs no CUDA: set scaling.use_gpu=false")
+    if kind != "tpu":
+        return
+    _require(
+        res.get("GPU", 0) == 0,
+        source,
+        f"{key}: scaling.resources_per_worker asks for GPU {res.get('GPU')}: set GPU: 0",
+    )
+    _require(
+        s.pjrt_device == "TPU" or s.max_workers <= 1,
+        source,
+        f"{key} with scaling.pjrt_device=CPU runs one worker (max_workers={s.max_workers}): "
+        "each process has its own PJRT CPU client, so two cannot rendezvous "
+        "(orchestrator/train/xla.py)",
+    )
+    _require(
+        s.pjrt_device == "CPU" or res.get("TPU", 0) == 1,
+        source,
+        f"{key} with scaling.pjrt_device=TPU needs scaling.resources_per_worker TPU: 1 "
+        f"(one worker per chip), not {res.get('TPU', 0)}",
+    )
+    _require(
+        s.strategy != "fsdp",
+        source,
+        f"{key}: scaling.strategy=fsdp is CUDA/CPU only; XLA replicas all-reduce their "
+        "gradients (set scaling.strategy=ddp)",
     )
 
 

@@ -71,6 +71,9 @@ def main(argv: list[str]) -> int:
     except config_lib.ConfigError as e:
         return fail(PROG, f"config error: {e}", EXIT_USAGE)
     if "--dry-run" in args.flags:
+        from orchestrator.train.driver import describe_backend
+
+        print(f"# {describe_backend(cfg)}")  # a YAML comment: the output still parses
         print(config_lib.to_yaml(cfg), end="")
         return EXIT_OK
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator import config as config_lib
 from orchestrator.train import state as ckpt
@@ -113,6 +113,25 @@ class TrainDatasetFactory:
         )
 
 
+def backend_config(cfg: config_lib.TipsConfig) -> TorchConfig:
+    """The Ray Train backend for ``scaling.accelerator``: torch_xla's (orchestrator/train/
+    xla.py) for tpu, torch's default (gloo on CPU, NCCL on GPU) for cpu and gpu."""
+    if config_lib.accelerator(cfg.scaling) == "tpu":
+        from orchestrator.train.xla import TorchXLAConfig
+
+        return TorchXLAConfig(pjrt_device=cfg.scaling.pjrt_device)
+    return TorchConfig()
+
+
+def describe_backend(cfg: config_lib.TipsConfig) -> str:
+    """One line for ``tips train --dry-run``: the accelerator and the backend it selects."""
+    backend = backend_config(cfg)
+    kind = config_lib.accelerator(cfg.scaling)
+    if kind == "tpu":
+        return f"accelerator: tpu (TorchXLAConfig, PJRT_DEVICE={cfg.scaling.pjrt_device})"
+    return f"accelerator: {kind} ({type(backend).__name__}, {'nccl' if kind == 'gpu' else 'gloo'})"
+
+
 def build_trainer(
     cfg: config_lib.TipsConfig,
     *,
@@ -189,6 +208,7 @@ def build_trainer(
         },
         scaling_config=scaling,
         run_config=run_config,
+        torch_config=backend_config(cfg),
         datasets={"train": train_dataset or TrainDatasetFactory(cfg, run_uri(cfg, name))},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution),
     )

@@ -167,7 +167,10 @@ def _steps(w: Worker) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = iter(
         shard.iter_torch_batches(
-            batch_size=w.plan.micro_batch, drop_last=True, prefetch_batches=2, device=w.device
+            batch_size=w.plan.micro_batch,
+            drop_last=True,
+            prefetch_batches=2,
+            device="cpu" if w.device.type == "xla" else w.device,  # moved in train_step
         )
     )
     meter, throughput = IntervalMeter(), Throughput()
@@ -180,7 +183,11 @@ def _steps(w: Worker) -> None:
         w.state.step += 1
         w.state.samples_seen += w.plan.global_batch_size
         first_step_unix = first_step_unix or time.time()
-        w.state.data_position = _agree_position(position, w.device, w.distributed)
+        w.state.data_position = (
+            position
+            if w.strategy.deferred_checks  # XLA: agreed at log steps (_read_deferred)
+            else _agree_position(position, w.device, w.distributed)
+        )
         throughput.samples(w.plan.per_rank_batch)
         preempted = preemption.due(w)
         last = w.state.step >= w.plan.total_steps
@@ -188,8 +195,11 @@ def _steps(w: Worker) -> None:
         every = w.cfg.train.eval_every_steps
         want_eval = every > 0 and (w.state.step % every == 0 or last)
         if want_ckpt or want_eval or w.state.step % w.cfg.train.log_every_steps == 0:
+            if w.strategy.deferred_checks:
+                _read_deferred(w)
             metrics = _metrics(meter, throughput, w.state, sched, w.cfg, w.world_size)
             metrics["time/first_step_unix"] = first_step_unix
+            metrics.update(w.strategy.perf_metrics())
             _log_metrics(w, metrics, want_eval)
             t_save = time.monotonic()
             directory = _save(w) if want_ckpt else None
@@ -208,7 +218,7 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
     ctx = ray.train.get_context()
     world_size, rank = ctx.get_world_size(), ctx.get_world_rank()
     plan = config_lib.derive(cfg, world_size)
-    device = ray.train.torch.get_device()
+    device = _device(cfg)
     torch.set_num_threads(_threads(cfg))
     distributed = dist.is_available() and dist.is_initialized() and world_size > 1
     tokenizer = build_tokenizer(
@@ -217,7 +227,7 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
     state, source, optim_state = _restore(cfg, objective, loop_config["run_uri"])
-    strategy = wrap_for_distributed(objective, cfg, device, world_size if distributed else 1)
+    strategy = _strategy(cfg, objective, device, world_size if distributed else 1, state)
     optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
     if optim_state is not None:
         strategy.load_optimizer_state(objective, optimizer, optim_state)
@@ -234,7 +244,7 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
         distributed=distributed, objective=objective, tokenizer=tokenizer, strategy=strategy,
         optimizer=optimizer, schedules=build_schedules(cfg), state=state,
         run_uri=loop_config["run_uri"], persist_locally=bool(loop_config.get("local_mode")),
-        use_bf16=cfg.train.precision == "bf16" and device.type == "cuda",
+        use_bf16=cfg.train.precision == "bf16" and device.type in ("cuda", "xla"),
         config_yaml=config_lib.to_yaml(cfg),
         loggers=(
             open_loggers(loop_config.get("loggers"), loop_config["config"], cfg.storage)
@@ -242,6 +252,32 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
         ),
         history=history, monitor=collapse_monitor(cfg),
     )  # fmt: skip
+
+
+def _device(cfg: config_lib.TipsConfig) -> torch.device:
+    """This worker's device: its XLA device on ``scaling.accelerator=tpu`` (Ray's
+    ``get_device`` knows only cuda/cpu and torch_tpu: orchestrator/train/xla.py), else Ray's."""
+    if config_lib.accelerator(cfg.scaling) == "tpu":
+        from orchestrator.train.xla import xla_device
+
+        return xla_device()
+    return ray.train.torch.get_device()
+
+
+def _strategy(
+    cfg: config_lib.TipsConfig,
+    objective: torch.nn.Module,
+    device: torch.device,
+    world_size: int,
+    state: TrainState,
+) -> Any:
+    """DDP / FSDP / none (orchestrator/train/parallel.py), or on XLA no wrapper: replicas
+    all-reduce their gradients through XLA (orchestrator/train/xla.py XlaStrategy)."""
+    if device.type == "xla":
+        from orchestrator.train.xla import XlaStrategy
+
+        return XlaStrategy(objective, world_size, device, skipped_before=state.nonfinite_total)
+    return wrap_for_distributed(objective, cfg, device, world_size)
 
 
 def train_step(
@@ -252,9 +288,12 @@ def train_step(
     throughput: Throughput | None = None,
 ) -> int:
     """One optimizer step: ``accum_steps`` micro-batches of forward + backward (bf16 autocast
-    on GPU), then ``optimizer_step``. Returns the furthest stream position consumed."""
+    on GPU and XLA), then ``optimizer_step``; on XLA the step is one graph closed by
+    ``strategy.end_step``. Returns the furthest stream position consumed."""
     state, plan = w.state, w.plan
-    torch.manual_seed(step_seed(w.cfg.train.seed, state.step, w.rank))
+    seed = step_seed(w.cfg.train.seed, state.step, w.rank)
+    torch.manual_seed(seed)
+    w.strategy.begin_step(seed)
     step_state = StepState(
         step=state.step, teacher_temp=sched["teacher_temp"], progress=state.step / plan.total_steps
     )
@@ -269,6 +308,8 @@ def train_step(
             state.data_stats[key] = state.data_stats.get(key, 0.0) + value
         position = int(batch.pop("sample_index").max()) + 1
         batch.pop("epoch", None)
+        if w.device.type == "xla":  # the host batch Ray Data made, onto the XLA device
+            batch = {k: v.to(w.device) for k, v in batch.items()}
         grad_sync = w.strategy.micro_batch(final=micro == plan.accum_steps - 1)
         autocast = torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_bf16)
         with grad_sync, autocast:
@@ -278,6 +319,7 @@ def train_step(
         meter.add("loss", out.losses)
         meter.add("metric", out.metrics)
     optimizer_step(w, total, sched, meter)
+    w.strategy.end_step()
     return position
 
 
@@ -305,7 +347,9 @@ def optimizer_step(
     freeze the last layer early, set the LR, step, and update the EMA teacher."""
     state, cfg = w.state, w.cfg
     w.strategy.finish_grads()
-    if not _all_finite(total, w.distributed):
+    # XLA: no host read here; the update is undone on the device if the loss is not finite
+    guard = w.strategy.guard(total, w.optimizer) if w.strategy.deferred_checks else None
+    if guard is None and not _all_finite(total, w.distributed):
         w.optimizer.zero_grad(set_to_none=True)
         state.nonfinite_in_a_row += 1
         state.nonfinite_total += 1
@@ -314,13 +358,9 @@ def optimizer_step(
             state.step, state.nonfinite_in_a_row,
         )  # fmt: skip
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss "
-                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) at step "
-                f"{state.step}; lower optim.lr or check the data"
-            )
+            raise _too_many_nonfinite(state, cfg)
         return
-    state.nonfinite_in_a_row = 0
+    state.nonfinite_in_a_row = 0 if guard is None else state.nonfinite_in_a_row
     if cfg.optim.grad_clip_norm > 0:
         params = list(w.objective.student.parameters())
         w.strategy.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
@@ -330,7 +370,35 @@ def optimizer_step(
     w.optimizer.step()
     w.optimizer.zero_grad(set_to_none=True)
     w.objective.update_teacher(sched["ema_momentum"])
+    if guard is not None:
+        w.strategy.keep_if_finite(guard)
     meter.add("loss", {"total": total})
+
+
+def _too_many_nonfinite(state: TrainState, cfg: config_lib.TipsConfig) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss "
+        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}) at step "
+        f"{state.step}; lower optim.lr or check the data"
+    )
+
+
+def _read_deferred(w: Worker) -> None:
+    """XLA, at log steps: what the CPU/GPU loop reads every step. The stream position all
+    ranks agree on, and the non-finite steps the device counted (the run stops here, up to
+    ``log_every_steps`` after ``train.max_nonfinite_steps`` was reached)."""
+    state = w.state
+    state.data_position = _agree_position(state.data_position, w.device, w.distributed)
+    in_a_row, total = w.strategy.read_nonfinite()
+    if total > state.nonfinite_total:
+        logger.warning(
+            "step %d: %d step(s) with a non-finite loss skipped since step %d (%d in a row)",
+            state.step, total - state.nonfinite_total, state.step - w.cfg.train.log_every_steps,
+            in_a_row,
+        )  # fmt: skip
+    state.nonfinite_in_a_row, state.nonfinite_total = in_a_row, total
+    if in_a_row >= w.cfg.train.max_nonfinite_steps:
+        raise _too_many_nonfinite(state, w.cfg)
 
 
 def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
@@ -340,8 +408,8 @@ def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
     warning = w.monitor.update(metrics) if w.monitor is not None else None
     # Only rank 0's metrics are kept by Ray; under FSDP every rank runs the towers.
     if want_eval and (w.rank == 0 or w.strategy.collective_eval):
-        with w.strategy.evaluating():
-            eval_metrics = _periodic_eval(w.objective, w.tokenizer, w.cfg)
+        with w.strategy.evaluating() as student:  # XLA: a host copy of the student
+            eval_metrics = _periodic_eval(w.objective, w.tokenizer, w.cfg, student)
         if w.rank == 0:
             metrics.update(eval_metrics)
     if w.rank != 0:
@@ -440,13 +508,17 @@ def _report_due(
 
 
 def _periodic_eval(
-    objective: torch.nn.Module, tokenizer: Any, cfg: config_lib.TipsConfig
+    objective: torch.nn.Module,
+    tokenizer: Any,
+    cfg: config_lib.TipsConfig,
+    student: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """Quick evaluation of the student towers on the eval split (``eval/<task>/<metric>``)."""
+    """Quick evaluation of the student towers (``student``, else ``objective.student``) on
+    the eval split (``eval/<task>/<metric>``)."""
     from orchestrator.eval.periodic import evaluate_during_training
     from orchestrator.eval.suite import VISION_TASKS
 
-    student = objective.student
+    student = objective.student if student is None else student
     text = getattr(student, "text", None)
     tasks = tuple(t for t in cfg.train.eval_tasks if text is not None or t in VISION_TASKS)
     if not tasks:  # a vision-only objective (MUG) with only text tasks configured

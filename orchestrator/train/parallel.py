@@ -65,6 +65,17 @@ class Strategy:
 
     name = "none"
     collective_eval = False  # periodic evaluation must run on every rank
+    deferred_checks = False  # XLA: no host reads inside a step (orchestrator/train/xla.py)
+
+    def begin_step(self, seed: int) -> None:
+        """Before a step's first micro-batch (the loop has seeded torch's generator)."""
+
+    def end_step(self) -> None:
+        """After the optimizer and EMA updates: XLA closes the step's graph here."""
+
+    def perf_metrics(self) -> dict[str, float]:
+        """Extra ``perf/*`` metrics for a log row (XLA: graphs compiled)."""
+        return {}
 
     def micro_batch(self, final: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward + backward; ``final`` synchronises grads."""
@@ -90,8 +101,10 @@ class Strategy:
         optimizer.load_state_dict(state)
 
     @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        yield
+    def evaluating(self) -> Iterator[nn.Module | None]:
+        """Around periodic evaluation; yields a student to evaluate instead (XLA: a host
+        copy), or None for ``objective.student``."""
+        yield None
 
 
 class DdpStrategy(Strategy):

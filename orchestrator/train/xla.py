@@ -1,10 +1,10 @@
 """torch_xla (PJRT) for Ray Train V2: a TorchConfig whose Backend sets up XLA workers.
 
-    trainer = TorchTrainer(fn, torch_config=TorchXLAConfig(pjrt_device="TPU"),
-                           scaling_config=ScalingConfig(num_workers=32, use_tpu=True,
-                               topology="4x4x2", accelerator_type="TPU-V4",
-                               resources_per_worker={"TPU": 1, "CPU": 8}))
-    # in the worker:  device = xla_device(); ...; loss.backward(); optimizer_step(optimizer)
+    tips train recipe=tips_b14_tpu ...   # scaling.accelerator=tpu: driver.py's backend_config
+    # -> TorchTrainer(loop, torch_config=TorchXLAConfig(pjrt_device="TPU"),
+    #        scaling_config=ScalingConfig(num_workers=32, resources_per_worker={"TPU": 1, ...}))
+    # in the worker (orchestrator/train/loop.py): device = xla_device(),
+    #    strategy = XlaStrategy(...): the same loop as CPU/GPU, no DDP wrapper
 
 Why a custom backend (docs/ray.md, "TPU and torch_xla"): in Ray 2.60 ``use_tpu=True`` picks backend
 ``tpu_dist`` from Google's ``torch_tpu`` package, and ``ray.train.torch.xla.TorchXLAConfig``
@@ -21,19 +21,23 @@ is the V1-era Neuron/XRT one. Ray Train V2 still calls the generic ``Backend`` h
   worker (torch.distributed collectives on XLA tensors, e.g. the loop's finite-loss check).
 * ``on_shutdown``: destroy the process group.
 
-Gradients are all-reduced by ``optimizer_step`` (``xm.optimizer_step``), not by DDP; do not
-call ``ray.train.torch.prepare_model`` or ``get_device`` in XLA workers (they assume
-cuda/cpu, or load ``torch_tpu`` when ``use_tpu=True``).
+Gradients are all-reduced by ``XlaStrategy.finish_grads`` (one ``xm.all_reduce``, what
+``xm.optimizer_step`` does), not by DDP; do not call ``ray.train.torch.prepare_model`` or
+``get_device`` in XLA workers (they assume cuda/cpu, or load ``torch_tpu`` when
+``use_tpu=True``); nor ``ScalingConfig(use_tpu=True)``: it would select ``torch_tpu``.
 
 torch_xla is imported only inside workers and helpers: this module imports without it. Its
 environment is requirements-xla.txt (torch 2.9.0 + torch-xla 2.9.0), apart from the main one.
 On ``PJRT_DEVICE=CPU`` (tests: ``make test-xla``) each process has its own CPU client, so one
-worker; the multi-host TPU rendezvous is exercised only on real slices.
+worker: with two, both take rank 0 of the ``xla://`` rendezvous (torch_xla 2.9 configures
+multi-process PJRT for TPU/Neuron/plugins only; measured: EADDRINUSE on its TCPStore), and
+config.py refuses it. The multi-host TPU rendezvous is exercised only on real slices.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -44,6 +48,8 @@ from typing import Any
 import torch
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
+
+from orchestrator.train.parallel import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -175,27 +181,106 @@ def xla_device() -> torch.device:
     return torch_xla.device()
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """All-reduce the gradients over the XLA replicas, step, and run the traced graph."""
-    import torch_xla
+def compile_count() -> int:
+    """Graphs torch_xla has compiled in this process so far (its ``UncachedCompile``)."""
+    import torch_xla.debug.metrics as met
+
+    return int(met.counter_value("UncachedCompile") or 0)
+
+
+def to_cpu(tree: Any) -> Any:
+    """A copy of a (nested) state dict with every XLA tensor moved to the host in one
+    transfer (``xm.save``'s way): checkpoints keep the format of CPU/GPU runs."""
     import torch_xla.core.xla_model as xm
 
-    xm.optimizer_step(optimizer)
-    torch_xla.sync()
+    return xm._maybe_convert_to_cpu(tree)
 
 
-def train_step(
-    objective: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, torch.Tensor],
-    step_state: Any,
-    device: torch.device,
-) -> torch.Tensor:
-    """One plain optimizer step of an objective on XLA (no accumulation, clip or EMA): the
-    XLA-specific parts a loop needs. Returns the detached loss (still on the device)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    optimizer.zero_grad(set_to_none=True)
-    out = objective(batch, step_state)
-    out.loss.backward()
-    optimizer_step(optimizer)
-    return out.loss.detach()
+class XlaStrategy(Strategy):
+    """The loop's ``Strategy`` (orchestrator/train/parallel.py) for torch_xla replicas.
+
+    No DDP wrapper: after the last micro-batch ``finish_grads`` averages the gradients over
+    the replicas with one ``xm.all_reduce`` (what ``xm.optimizer_step`` does). Every step is
+    one traced graph closed by ``end_step`` (``torch_xla.sync``), and nothing in it reads a
+    value on the host: the non-finite check is ``guard``/``keep_if_finite`` (the step's
+    parameter, buffer and optimizer updates are selected on the device, and device counters
+    count the skipped steps; the loop reads them at log steps). Checkpoints are host copies
+    (``to_cpu``) in the usual format; periodic evaluation runs on a host copy of the student.
+    """
+
+    name = "xla"
+    deferred_checks = True  # no host reads inside a step
+
+    def __init__(
+        self,
+        objective: torch.nn.Module,
+        world_size: int,
+        device: torch.device,
+        skipped_before: int = 0,
+    ) -> None:
+        self.objective, self.world_size, self.device = objective, world_size, device
+        self.in_a_row = torch.zeros((), dtype=torch.int32, device=device)
+        self.skipped = torch.full((), skipped_before, dtype=torch.int32, device=device)
+        self._compiles = compile_count()
+
+    def begin_step(self, seed: int) -> None:
+        """Seed the XLA generator too (drop-path): a resumed run repeats the same steps."""
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed, device=self.device)
+
+    def finish_grads(self) -> None:
+        import torch_xla.core.xla_model as xm
+
+        if self.world_size <= 1:
+            return
+        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+        xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / self.world_size)
+
+    def guard(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> Any:
+        """Before the update: the finite flag and the tensors the update may change."""
+        tensors = [*self.objective.parameters(), *self.objective.buffers()]
+        for per_param in optimizer.state.values():
+            tensors += [v for v in per_param.values() if _on_device(v)]
+        finite = torch.isfinite(loss.detach()).all()
+        return finite, [(t, t.detach().clone()) for t in tensors]
+
+    @torch.no_grad()
+    def keep_if_finite(self, guard: Any) -> None:
+        """After the update: undo it on the device when the loss was not finite."""
+        finite, saved = guard
+        for t, old in saved:
+            t.copy_(torch.where(finite, t, old))
+        self.in_a_row.copy_(torch.where(finite, 0, self.in_a_row + 1))
+        self.skipped.add_((~finite).int())
+
+    def read_nonfinite(self) -> tuple[int, int]:
+        """(non-finite steps in a row, skipped since this worker started): a host read."""
+        return int(self.in_a_row), int(self.skipped)
+
+    def end_step(self) -> None:
+        import torch_xla
+
+        torch_xla.sync()
+
+    def full_state_dicts(
+        self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+    ) -> tuple[dict | None, dict | None]:
+        if rank != 0:
+            return None, None
+        return to_cpu(objective.state_dict()), to_cpu(optimizer.state_dict())
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Any:
+        """A host copy of the student: evaluation's varying shapes compile nothing."""
+        yield copy.deepcopy(self.objective.student).to("cpu")
+
+    def perf_metrics(self) -> dict[str, float]:
+        """``perf/xla_compiles``: graphs compiled since the previous call (0 once warm)."""
+        now = compile_count()
+        last, self._compiles = self._compiles, now
+        return {"perf/xla_compiles": float(now - last)}
+
+
+def _on_device(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "xla"
