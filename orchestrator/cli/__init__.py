@@ -16,6 +16,7 @@ imported only when it runs, so ``tips --help`` starts no Ray and no torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from orchestrator.cli.common import EXIT_OK, EXIT_USAGE
@@ -45,6 +46,14 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `tips recipes | head -1`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

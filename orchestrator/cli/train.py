@@ -109,8 +109,15 @@ def _run(cfg: TipsConfig) -> int:
         print(f"{PROG}: failed: {failure_line(error)}", file=sys.stderr)
         return fail(PROG, f"full error and tracebacks: {log}", EXIT_FAILED)
     _print_summary(cfg)
-    if result.checkpoint is not None:
-        print(f"{PROG}: final checkpoint: {pasteable_uri(result.checkpoint.path, cfg)}")
+    from orchestrator.train.driver import run_uri
+    from orchestrator.train.state import newest_checkpoint
+
+    # the run directory's own copy: in local mode Ray's result points at a temporary one
+    final = newest_checkpoint(run_uri(cfg), cfg.storage)
+    if final is None and result.checkpoint is not None:
+        final = result.checkpoint.path
+    if final is not None:
+        print(f"{PROG}: final checkpoint: {pasteable_uri(final, cfg)}")
     return EXIT_OK
 
 

@@ -83,3 +83,14 @@ def test_python_dash_m_orchestrator_is_the_same_tree():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "tiny_cpu" in proc.stdout and "loss_weights" in proc.stdout
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`tips recipes | head -1`: a closed pipe ends the listing quietly, exit 0 (`true`
+    exits before the listing is written, so every write meets a closed pipe)."""
+    proc = subprocess.run(
+        f"{sys.executable} -m orchestrator recipes | true; "
+        "echo ${PIPESTATUS[0]}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.strip() == "0" and "BrokenPipeError" not in proc.stderr, proc.stderr

@@ -70,7 +70,8 @@ def test_the_installed_package_finds_its_recipes_and_trains(installed, tmp_path,
     assert "total_steps: 4" in dry.stdout
     run = _tips(installed, tmp_path, *train)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "tips train: final checkpoint:" in run.stdout
+    final = tmp_path / "runs/wheel/checkpoint_00000004"
+    assert f"tips train: final checkpoint: {final}" in run.stdout  # the kept copy
     rows = [json.loads(x) for x in (tmp_path / "runs/wheel/metrics.jsonl").read_text().splitlines()]
     assert [r["train/step"] for r in rows] == [2, 4]
     assert (tmp_path / "runs/wheel/checkpoint_00000004/model.pt").is_file()
