@@ -139,13 +139,18 @@ def distributed_mean(x: torch.Tensor) -> torch.Tensor | None:
     Returns:
         ``[K]`` float32 global mean, or None when no rank has any row.
     """
+    total, count = _distributed_sum_count(x)
+    if count.item() == 0:
+        return None
+    return total / count
+
+
+def _distributed_sum_count(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([K] sum of the rows, 0-d row count)`` over all ranks, one all-reduce, on device."""
     x = x.float()
     packed = torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])])  # [K + 1]
     all_reduce_(packed)
-    count = packed[-1]
-    if count.item() == 0:
-        return None
-    return packed[:-1] / count
+    return packed[:-1], packed[-1]
 
 
 @torch.no_grad()
@@ -197,9 +202,13 @@ class CenteredTeacherLoss(nn.Module):
         Args:
             rows: ``[n, K]`` teacher logits of this rank (every rank calls).
         """
-        row_mean = distributed_mean(rows)
-        if row_mean is not None:
-            ema_(self.center, row_mean, self.center_momentum)
+        # distributed_mean + ema_ without reading the count on the host (a lazy device such
+        # as XLA would cut the step's graph there): the same arithmetic, selected on device
+        total, count = _distributed_sum_count(rows)
+        m = self.center_momentum
+        mean = (total / count.clamp(min=1)).reshape(self.center.shape)
+        updated = torch.add(self.center * m, mean.to(self.center.dtype), alpha=1 - m)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
 
 @torch.no_grad()
