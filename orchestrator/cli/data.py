@@ -5,10 +5,16 @@
     tips data pack --images DIR (--captions FILE.jsonl | --coco FILE.json) --out URI
                    [--shard-size N] [--format parquet|webdataset] [--coco-kind short]
     tips data inspect URI [--format auto|parquet|webdataset] [--no-decode] [--json]
+    tips data ingest SRC --out URI [--format parquet|webdataset] [--image-column C]
+                     [--text-column C] [--key-column C] [--overwrite]
+    tips data caption SRC --out URI --kind KIND --model ID|DIR [--prompt P] [--prompts YAML]
+                      [--batch-size B] [--concurrency C] [--num-gpus G] [--num-cpus N]
     every sub-verb: [--endpoint-url URL] [--region R]   (else AWS_ENDPOINT_URL / AWS_REGION)
 
 ``synth`` writes ``URI/train`` and ``URI/eval`` (orchestrator/data/synthetic.py); ``pack``
-and ``inspect`` are orchestrator/data/pack.py. These are tools, not runs: they take
+and ``inspect`` are orchestrator/data/pack.py; ``ingest`` (img2dataset / Hugging Face
+Parquet) and ``caption`` (synthetic captions) are Ray Data jobs in orchestrator/data/ingest.py
+and orchestrator/data/caption.py. These are tools, not runs: they take
 ``--flags`` like any command-line tool, where train/tune/eval take ``key=value`` config.
 """
 
@@ -25,7 +31,10 @@ from orchestrator.data.pack import _progress, inspect_shards, pack
 from orchestrator.data.shards import ShardError
 
 PROG = "tips data"
-SUMMARY = "make synthetic shards, pack images + captions into shards, inspect a shard set"
+SUMMARY = (
+    "make synthetic shards, pack images + captions into shards, inspect a shard set, "
+    "ingest img2dataset / Hugging Face data, add synthetic captions"
+)
 
 
 def _storage(args: argparse.Namespace) -> Any:
@@ -89,6 +98,99 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- ingest, caption
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from orchestrator.data.ingest import Columns, ingest
+
+    columns = Columns(args.image_column, args.text_column, args.key_column)
+    with _progress(None, "ingest (files)") as bar:
+        report = ingest(
+            args.src,
+            args.out,
+            format=args.format,
+            columns=columns,
+            row_group_size=args.row_group_size,
+            storage=_storage(args),
+            overwrite=args.overwrite,
+            progress=bar.update,
+        )
+    print(f"ingested {report.summary()} into {st.normalize_uri(args.out)}")
+    return EXIT_OK if report.written or report.shards_skipped else EXIT_FAILED
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from orchestrator.data.caption import caption_shards, caption_spec, check_model
+    from orchestrator.data.shards import list_shards
+
+    spec = caption_spec(args.kind, args.prompts, args.prompt, args.max_new_tokens)
+    check_model(args.model)
+    total = list_shards(args.src, _storage(args)).num_rows
+    with _progress(total, f"caption {spec.kind}") as bar:
+        report = caption_shards(
+            args.src,
+            args.out,
+            model=args.model,
+            spec=spec,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+            num_cpus=args.num_cpus,
+            device=args.device,
+            storage=_storage(args),
+            overwrite=args.overwrite,
+            progress=bar.update,
+        )
+    print(
+        f"captioned {report.captioned} records ({spec.kind!r}, {args.model}) in "
+        f"{report.seconds:.1f} s; wrote {report.summary()} into {st.normalize_uri(args.out)}"
+    )
+    return EXIT_OK if report.written or report.shards_skipped else EXIT_FAILED
+
+
+def _job(fn: Any) -> Any:
+    """A Ray job verb: refusals before the start stay usage errors (exit 2); anything that
+    fails once the job runs is a failed run (exit 1, one line)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ShardError, ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 (a Ray task or actor error: one line)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            return fail(f"{PROG} {args.verb}", f"failed: {first}", EXIT_FAILED)
+
+    return run
+
+
+def _add_job_parsers(sub: Any) -> list[argparse.ArgumentParser]:
+    g = sub.add_parser("ingest", help="img2dataset tars / Parquet, HF Parquet -> shards")
+    g.add_argument("src", help="folder or s3:// prefix of .tar or .parquet files")
+    g.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
+    g.add_argument("--image-column", default=None, help="Parquet: image bytes or {bytes} struct")
+    g.add_argument("--text-column", default=None, help="Parquet: the alt-text column")
+    g.add_argument("--key-column", default=None, help="Parquet: the record key column")
+    g.add_argument("--row-group-size", type=int, default=64)
+    c = sub.add_parser("caption", help="add synthetic captions of a kind (Ray Data actors)")
+    c.add_argument("src", help="shard set to caption (left unchanged)")
+    c.add_argument("--kind", required=True, help="caption kind, e.g. short or long")
+    c.add_argument("--model", required=True, help="Hugging Face model id (cached) or folder")
+    c.add_argument("--prompt", default=None, help="override the kind's prompt")
+    c.add_argument("--prompts", default=None, help="YAML of {kind: {prompt, max_new_tokens}}")
+    c.add_argument("--max-new-tokens", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    c.add_argument("--concurrency", type=int, default=1, help="model actors")
+    c.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0.5 shares)")
+    c.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) per actor")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    for q in (g, c):
+        q.add_argument("--out", required=True)
+        q.add_argument("--overwrite", action="store_true", help="else finished shards are kept")
+    return [g, c]
+
+
 # --------------------------------------------------------------------------- argv
 
 
@@ -116,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=("auto", "parquet", "webdataset"), default="auto")
     i.add_argument("--no-decode", action="store_true")
     i.add_argument("--json", action="store_true")
-    for q in (s, k, i):
+    for q in (s, k, i, *_add_job_parsers(sub)):
         q.add_argument("--endpoint-url", default=None)
         q.add_argument("--region", default=None)
     return p
@@ -129,6 +231,8 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     try:
-        return {"synth": run_synth, "pack": run_pack, "inspect": run_inspect}[args.verb](args)
+        verbs = {"synth": run_synth, "pack": run_pack, "inspect": run_inspect}
+        verbs.update(ingest=_job(run_ingest), caption=_job(run_caption))
+        return verbs[args.verb](args)
     except (ShardError, ValueError, FileNotFoundError) as e:
         return fail(f"{PROG} {args.verb}", str(e), EXIT_USAGE)
