@@ -510,7 +510,7 @@ def _caption_dataset(
         read,
         batch_size=1,
         num_cpus=0,
-        concurrency=min(READ_TASKS, len(units)),
+        compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, len(units))),
         batch_format="numpy",
     )
     if device == "auto" and num_gpus:
@@ -525,7 +525,7 @@ def _caption_dataset(
             "num_threads": None if num_gpus else max(1, int(num_cpus)),
         },
         batch_size=batch_size,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus or None,
         num_cpus=num_cpus,
         batch_format="numpy",

@@ -182,6 +182,7 @@ def test_caption_model_loads_a_folder_like_a_model_id(tiny_ved, tiny_blip):
     assert caption_spec("dense", prompt="describe:").prompt == "describe:"
 
 
+@pytest.mark.slow  # two model-actor starts (each imports transformers): ~15-30 s
 def test_caption_cli_adds_the_kind_and_resumes(tmp_path, tiny_ved, ray_data_runtime, capsys):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     write_source(src, n=10, corrupt=3)
@@ -211,6 +212,7 @@ def test_caption_cli_adds_the_kind_and_resumes(tmp_path, tiny_ved, ray_data_runt
     assert "captioned 0 records" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two model actors start: ~15 s
 def test_caption_replaces_its_own_kind(tmp_path, tiny_ved, ray_data_runtime):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     write_source(src, n=4, corrupt=99)
