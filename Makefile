@@ -45,7 +45,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # TPU / torch_xla path: torch-xla pins an older torch, so it gets its own environment
-# (~3 GB download; not part of default CI). Runs the training step on the CPU XLA device.
+# (~3 GB download). Runs `tips train` with scaling.accelerator=tpu on the CPU XLA device.
 XLA_VENV := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 

@@ -8,7 +8,7 @@
     parallel.py  DDP / FSDP wrapping, gathering full state for checkpoints
     metrics.py   metrics history, the progress line, collapse monitoring
     loggers.py   experiment trackers (TensorBoard, MLflow, W&B) fed by rank 0
-    xla.py       the torch_xla (TPU) step
+    xla.py       torch_xla (TPU): the Ray Train backend and the loop's XlaStrategy
 
 Submodules are imported where used: ``driver`` pulls in Ray, the rest only torch.
 """
