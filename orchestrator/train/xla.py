@@ -204,7 +204,8 @@ class XlaStrategy(Strategy):
     one traced graph closed by ``end_step`` (``torch_xla.sync``), and nothing in it reads a
     value on the host: the non-finite check is ``guard``/``keep_if_finite`` (the step's
     parameter, buffer and optimizer updates are selected on the device, and device counters
-    count the skipped steps; the loop reads them at log steps). Checkpoints are host copies
+    count the skipped steps; the loop reads them at log steps; host-side optimizer state, such
+    as AdamW's CPU ``step`` counter, still advances). Checkpoints are host copies
     (``to_cpu``) in the usual format; periodic evaluation runs on a host copy of the student.
     """
 

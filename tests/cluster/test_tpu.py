@@ -179,3 +179,54 @@ def test_tips_train_runs_on_the_cpu_xla_device_and_resumes_exactly(tmp_path):
     state = restore_checkpoint_dir(ckpt_xla, objective, optimizer)
     assert state.step == 12 and state.data_position == 12 * 32
     assert all(v.device.type == "cpu" for s in optimizer.state.values() for v in s.values())
+
+
+@pytest.mark.slow
+def test_xla_strategy_skips_a_non_finite_step_on_the_device():
+    """The loop's non-finite check on XLA (orchestrator/train/xla.py XlaStrategy): a NaN loss
+    undoes the step's parameter and optimizer updates inside the same graph as a finite
+    step (no new compilation, no host read), and device counters count it."""
+    pytest.importorskip("torch_xla", reason="needs torch_xla: `make test-xla` (.venv-xla)")
+    import torch
+
+    from orchestrator.train.xla import XlaStrategy, compile_count, xla_device
+
+    device = xla_device()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    strategy = XlaStrategy(model, 1, device, skipped_before=5)
+    good = torch.randn(8, 4)
+    bad = good.clone()
+    bad[3, 1] = float("nan")  # a NaN in the data, as a bad record would bring
+    inputs = {False: good.to(device), True: bad.to(device)}  # device data: one graph
+
+    def step(nan: bool = False) -> None:
+        loss = model(inputs[nan]).square().mean()
+        loss.backward()
+        guard = strategy.guard(loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        strategy.keep_if_finite(guard)
+        strategy.end_step()
+
+    def host() -> tuple[dict, dict]:
+        model_sd, optim_sd = strategy.full_state_dicts(model, optimizer, rank=0)
+        return model_sd, {i: s["exp_avg"] for i, s in optim_sd["state"].items()}
+
+    step()  # creates the optimizer state
+    step()  # the steady graph
+    params, moments = host()
+    assert all(v.device.type == "cpu" for v in [*params.values(), *moments.values()])
+    compiled = compile_count()
+    step(nan=True)
+    assert strategy.read_nonfinite() == (1, 6)  # in a row, total (5 before this worker)
+    nan_params, nan_moments = host()
+    for k in params:
+        assert torch.equal(nan_params[k], params[k]), k
+    for k in moments:
+        assert torch.equal(nan_moments[k], moments[k]), k
+    step()
+    assert strategy.read_nonfinite() == (0, 6)
+    assert not torch.equal(host()[0]["weight"], params["weight"])
+    assert compile_count() == compiled  # the NaN step and the next one: the same graph
