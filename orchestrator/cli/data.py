@@ -9,12 +9,15 @@
                      [--text-column C] [--key-column C] [--overwrite]
     tips data caption SRC --out URI --kind KIND --model ID|DIR [--prompt P] [--prompts YAML]
                       [--batch-size B] [--concurrency C] [--num-gpus G] [--num-cpus N]
+    tips data regions SRC --out URI --model ID|DIR --queries "a dog,a red car" [--threshold T]
+                      [--max-regions R] [--batch-size B] [--concurrency C] [--num-gpus G]
     every sub-verb: [--endpoint-url URL] [--region R]   (else AWS_ENDPOINT_URL / AWS_REGION)
 
 ``synth`` writes ``URI/train`` and ``URI/eval`` (orchestrator/data/synthetic.py); ``pack``
 and ``inspect`` are orchestrator/data/pack.py; ``ingest`` (img2dataset / Hugging Face
-Parquet) and ``caption`` (synthetic captions) are Ray Data jobs in orchestrator/data/ingest.py
-and orchestrator/data/caption.py. These are tools, not runs: they take
+Parquet) ``caption`` (synthetic captions) and ``regions`` (detector boxes for CLOC) are Ray Data
+jobs in orchestrator/data/ingest.py, orchestrator/data/caption.py and
+orchestrator/data/regions.py. These are tools, not runs: they take
 ``--flags`` like any command-line tool, where train/tune/eval take ``key=value`` config.
 """
 
@@ -33,7 +36,7 @@ from orchestrator.data.shards import ShardError
 PROG = "tips data"
 SUMMARY = (
     "make synthetic shards, pack images + captions into shards, inspect a shard set, "
-    "ingest img2dataset / Hugging Face data, add synthetic captions"
+    "ingest img2dataset / Hugging Face data, add synthetic captions or detector regions"
 )
 
 
@@ -149,6 +152,41 @@ def run_caption(args: argparse.Namespace) -> int:
     return EXIT_OK if report.written or report.shards_skipped else EXIT_FAILED
 
 
+def run_regions(args: argparse.Namespace) -> int:
+    from orchestrator.data.caption import check_model
+    from orchestrator.data.regions import RegionSpec, region_shards
+    from orchestrator.data.shards import list_shards
+
+    queries = [q.strip() for q in (args.queries or "").split(",") if q.strip()]
+    if args.queries_file:
+        queries += [q.strip() for q in st.read_text(args.queries_file).splitlines() if q.strip()]
+    spec = RegionSpec(tuple(queries), args.threshold, args.max_regions)
+    if not queries:
+        raise ValueError("regions needs text queries: --queries 'a dog,a car' or --queries-file")
+    check_model(args.model)
+    total = list_shards(args.src, _storage(args)).num_rows
+    with _progress(total, "regions") as bar:
+        report = region_shards(
+            args.src,
+            args.out,
+            model=args.model,
+            spec=spec,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+            num_cpus=args.num_cpus,
+            device=args.device,
+            storage=_storage(args),
+            overwrite=args.overwrite,
+            progress=bar.update,
+        )
+    print(
+        f"detected regions in {report.captioned} records ({args.model}) in "
+        f"{report.seconds:.1f} s; wrote {report.summary()} into {st.normalize_uri(args.out)}"
+    )
+    return EXIT_OK if report.written or report.shards_skipped else EXIT_FAILED
+
+
 def _job(fn: Any) -> Any:
     """A Ray job verb: refusals before the start stay usage errors (exit 2); anything that
     fails once the job runs is a failed run (exit 1, one line)."""
@@ -180,15 +218,23 @@ def _add_job_parsers(sub: Any) -> list[argparse.ArgumentParser]:
     c.add_argument("--prompt", default=None, help="override the kind's prompt")
     c.add_argument("--prompts", default=None, help="YAML of {kind: {prompt, max_new_tokens}}")
     c.add_argument("--max-new-tokens", type=int, default=None)
-    c.add_argument("--batch-size", type=int, default=8, help="images per model call")
-    c.add_argument("--concurrency", type=int, default=1, help="model actors")
-    c.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0.5 shares)")
-    c.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) per actor")
-    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    for q in (g, c):
+    r = sub.add_parser("regions", help="add detector boxes + phrases (CLOC regions)")
+    r.add_argument("src", help="shard set to label (left unchanged)")
+    r.add_argument("--model", required=True, help="OWLv2 (or other zero-shot detector) id/folder")
+    r.add_argument("--queries", default=None, help="comma-separated phrases to detect")
+    r.add_argument("--queries-file", default=None, help="one phrase per line")
+    r.add_argument("--threshold", type=float, default=0.2)
+    r.add_argument("--max-regions", type=int, default=8)
+    for q in (c, r):
+        q.add_argument("--batch-size", type=int, default=8, help="images per model call")
+        q.add_argument("--concurrency", type=int, default=1, help="model actors")
+        q.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0.5 shares)")
+        q.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (threads) per actor")
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    for q in (g, c, r):
         q.add_argument("--out", required=True)
         q.add_argument("--overwrite", action="store_true", help="else finished shards are kept")
-    return [g, c]
+    return [g, c, r]
 
 
 # --------------------------------------------------------------------------- argv
@@ -232,7 +278,7 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     try:
         verbs = {"synth": run_synth, "pack": run_pack, "inspect": run_inspect}
-        verbs.update(ingest=_job(run_ingest), caption=_job(run_caption))
+        verbs.update(ingest=_job(run_ingest), caption=_job(run_caption), regions=_job(run_regions))
         return verbs[args.verb](args)
     except (ShardError, ValueError, FileNotFoundError) as e:
         return fail(f"{PROG} {args.verb}", str(e), EXIT_USAGE)

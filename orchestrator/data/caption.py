@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -303,13 +304,21 @@ def unit_rows(info: ShardInfo, shard: int, unit: int, storage: Any | None) -> di
     return rows
 
 
-def _meta_with(meta: Any, kind: str, entry: dict[str, str]) -> str:
+def _meta_doc(meta: Any) -> dict[str, Any]:
     try:
         doc = json.loads(meta) if isinstance(meta, str) else (meta or {})
     except ValueError:
         doc = {"source_meta": meta}
-    if not isinstance(doc, dict):
-        doc = {"source_meta": doc}
+    return doc if isinstance(doc, dict) else {"source_meta": doc}
+
+
+def meta_json(meta: Any, update: dict[str, Any]) -> str:
+    """A record's ``meta`` (JSON string, dict or None) with ``update``'s keys set, as JSON."""
+    return json.dumps({**_meta_doc(meta), **update})
+
+
+def _meta_with(meta: Any, kind: str, entry: dict[str, str]) -> str:
+    doc = _meta_doc(meta)
     doc.setdefault("captioner", {})[kind] = entry
     return json.dumps(doc)
 
@@ -325,17 +334,21 @@ def add_captions(rec: Record, kind: str, text: str, entry: dict[str, str]) -> Re
     }
 
 
-def write_captioned(
+def caption_apply(rec: Record, text: str, kind: str, entry: dict[str, str]) -> Record:
+    """``write_annotated``'s update for captions (a module function: it travels to tasks)."""
+    return add_captions(rec, kind, text, entry)
+
+
+def write_annotated(
     info: ShardInfo,
     task: int,
     dst: str,
-    texts: dict[tuple[int, int], str],
-    spec: CaptionSpec,
-    model: str,
+    payloads: dict[tuple[int, int], str],
+    apply: Callable[[Record, str], Record],
     storage: Any | None,
 ) -> dict[str, Any]:
-    """Re-read shard ``info``, add the captions ``texts[(unit, pos)]``, publish at ``dst``."""
-    entry = {"model": model, "prompt": spec.prompt}
+    """Re-read shard ``info``, ``apply(record, payloads[(unit, pos)])`` to each record that
+    has a payload (others stay as they are), publish the result at ``dst``."""
     records: list[Record] = []
     lost = 0
     for unit in range(len(info.row_groups)):
@@ -343,15 +356,15 @@ def write_captioned(
             if isinstance(item, BadRecord):
                 lost += item.count
                 continue
-            text = texts.get((unit, pos))
-            records.append(add_captions(item, spec.kind, text, entry) if text else item)
+            payload = payloads.get((unit, pos))
+            records.append(apply(item, payload) if payload else item)
     published = None
     if records:
         published = publish_shard(
             records, dst, format=info.format, row_group_size=info.row_groups[0], storage=storage
         )
     skipped = Counter({"unreadable": lost} if lost else {})
-    return stats_row(task, len(records), skipped, published, captioned=len(texts))
+    return stats_row(task, len(records), skipped, published, captioned=len(payloads))
 
 
 # --------------------------------------------------------------------------- the job
@@ -429,11 +442,58 @@ def caption_shards(
     Raises:
         ValueError: ``out`` is ``src``; ShardError: no shards at ``src``.
     """
+    entry = {"model": model, "prompt": spec.prompt}
+    actor_kwargs = {"model": model, "spec": asdict(spec)}
+    return annotate_shards(
+        src,
+        out,
+        Job(Captioner, actor_kwargs, partial(caption_apply, kind=spec.kind, entry=entry)),
+        Pool(batch_size, concurrency, num_gpus, num_cpus, device),
+        storage=storage,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """What an annotation job runs: the actor class (constructed with ``kwargs`` plus
+    ``device``, ``local_files_only``, ``num_threads``; called on batches of unit rows, it
+    returns ``shard, unit, pos, n, text, status``) and the record update for each ``text``."""
+
+    actor: type
+    kwargs: dict[str, Any]
+    apply: Callable[[Record, str], Record]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The actor pool: images per call, actors, GPUs and CPUs per actor, device."""
+
+    batch_size: int = 8
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    device: str = "auto"
+
+
+def annotate_shards(
+    src: str,
+    out: str,
+    job: Job,
+    pool: Pool,
+    *,
+    storage: Any | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> JobReport:
+    """Run ``job`` over every pending shard of ``src`` into ``out`` (see the module doc);
+    ``tips data caption`` and ``tips data regions`` (orchestrator/data/regions.py)."""
     import ray
 
     out = st.normalize_uri(out)
     if out == st.normalize_uri(src):
-        raise ValueError(f"{out}: write captioned shards to a new location, not over the input")
+        raise ValueError(f"{out}: write the new shards to a new location, not over the input")
     listing = list_shards(src, storage)
     if overwrite:
         clear_output(out, storage)
@@ -445,21 +505,19 @@ def caption_shards(
         if names[i] not in done
     }
     report = JobReport(shards_skipped=len(listing.shards) - len(pending))
-    report.skipped.update(
-        {"unreadable_shards": len(listing.unreadable)} if listing.unreadable else {}
-    )
+    if listing.unreadable:
+        report.skipped["unreadable_shards"] += len(listing.unreadable)
     start = time.monotonic()
     if pending:
         init_ray()
-        write = ray.remote(num_cpus=0)(write_captioned)  # like the reads: no CPU held
+        write = ray.remote(num_cpus=0)(write_annotated)  # like the reads: no CPU held
         collector = _Collector(
             pending,
-            lambda info, i, dst, texts: write.remote(info, i, dst, texts, spec, model, storage),
+            lambda info, i, dst, texts: write.remote(info, i, dst, texts, job.apply, storage),
         )
-        ds = _caption_dataset(
-            pending, model, spec, batch_size, concurrency, num_gpus, num_cpus, device, storage
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _annotate_dataset(pending, job, pool, storage).iter_batches(
+            batch_size=None, batch_format="numpy"
+        ):
             n = collector.add(batch)
             if progress:
                 progress(n)
@@ -477,18 +535,10 @@ def caption_shards(
     return report
 
 
-def _caption_dataset(
-    pending: dict[int, tuple[ShardInfo, str]],
-    model: str,
-    spec: CaptionSpec,
-    batch_size: int,
-    concurrency: int,
-    num_gpus: float,
-    num_cpus: float,
-    device: str,
-    storage: Any | None,
+def _annotate_dataset(
+    pending: dict[int, tuple[ShardInfo, str]], job: Job, pool: Pool, storage: Any | None
 ) -> Any:
-    """read units -> caption actors, as a lazy Ray Data dataset of caption rows."""
+    """read units -> model actors, as a lazy Ray Data dataset of result rows."""
     import ray.data
 
     units = [
@@ -513,20 +563,20 @@ def _caption_dataset(
         compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, len(units))),
         batch_format="numpy",
     )
-    if device == "auto" and num_gpus:
-        device = "cuda"
+    device = pool.device
+    if device == "auto":
+        device = "cuda" if pool.num_gpus else "cpu"
     return ds.map_batches(
-        Captioner,
+        job.actor,
         fn_constructor_kwargs={
-            "model": model,
-            "spec": asdict(spec),
-            "device": "cpu" if not num_gpus and device == "auto" else device,
+            **job.kwargs,
+            "device": device,
             "local_files_only": offline(),
-            "num_threads": None if num_gpus else max(1, int(num_cpus)),
+            "num_threads": None if pool.num_gpus else max(1, int(pool.num_cpus)),
         },
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus or None,
-        num_cpus=num_cpus,
+        batch_size=pool.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+        num_gpus=pool.num_gpus or None,
+        num_cpus=pool.num_cpus,
         batch_format="numpy",
     )

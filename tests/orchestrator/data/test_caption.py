@@ -112,6 +112,54 @@ def save_tiny_blip(path: Path) -> Path:
     return path
 
 
+def save_tiny_owlv2(path: Path) -> Path:
+    """A tiny OWLv2 detector with its processor (a BPE CLIP tokenizer trained here). Its box
+    head's last layer is zeroed, so each patch predicts the box of its own grid cell (the
+    model's box bias): real, non-empty boxes from random weights."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPTokenizerFast,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    bpe.train_from_iterator(
+        [WORDS], trainers.BpeTrainer(end_of_word_suffix="</w>", special_tokens=specials)
+    )
+    tok = CLIPTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        model_max_length=16,
+    )
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg = Owlv2Config(
+        text_config=dict(
+            vocab_size=len(tok), max_position_embeddings=16, bos_token_id=2, eos_token_id=3,
+            pad_token_id=0, **tiny,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **tiny),
+        projection_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Owlv2ForObjectDetection(cfg)
+    with torch.no_grad():
+        model.box_head.dense2.weight.zero_()
+        model.box_head.dense2.bias.zero_()
+    model.save_pretrained(path)
+    image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_ved(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(save_tiny_ved(tmp_path_factory.mktemp("tiny_ved")))
@@ -246,3 +294,32 @@ def test_caption_refusals_are_usage_errors(tmp_path, tiny_ved, capsys):
     same = ["caption", src, "--out", src, "--kind", "short", "--model", tiny_ved]
     assert main_data(same) == 2
     assert main_data(["caption", "--help"]) == 0
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def test_regions_from_a_tiny_owlv2(tmp_path, ray_data_runtime, capsys):
+    """``tips data regions``: xyxy boxes in [0, 1] with their query as text, at most
+    --max-regions per image, everything else unchanged, the corrupt image counted."""
+    model = str(save_tiny_owlv2(tmp_path / "owl"))
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    write_source(src, n=4, corrupt=1)
+    argv = ["regions", src, "--out", out, "--model", model, "--queries", "a cat, a red dog"]
+    assert main_data([*argv, "--threshold", "0", "--max-regions", "3", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "detected regions in 3 records" in printed and "corrupt_image=1" in printed, printed
+    for a, b in zip(iter_records(out), iter_records(src), strict=True):
+        for col in ("image", "alt_text", "captions", "class_mask"):
+            assert a[col] == b[col], col
+        if a["key"] == "rec001":
+            assert a["regions"] == b["regions"] and a["meta"] == b["meta"]
+            continue
+        assert 1 <= len(a["regions"]) <= 3
+        for r in a["regions"]:
+            x0, y0, x1, y1 = r["box"]
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+            assert r["text"] in ("a cat", "a red dog")
+        entry = json.loads(a["meta"])["regions"]
+        assert entry["queries"] == ["a cat", "a red dog"] and entry["model"] == model
+    assert main_data(["regions", src, "--out", out, "--model", model]) == 2  # no queries
