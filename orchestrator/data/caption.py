@@ -23,7 +23,9 @@ The job, per source shard set (orchestrator/data/shards.py):
    it whole under the same name (``ingest.publish_shard``). Every other column passes
    through unchanged.
 
-Output shards already published are skipped on a rerun (resume shard by shard). A record
+Steps 1-3 are ``annotate_shards``, which ``tips data regions`` (orchestrator/data/regions.py)
+runs with a detector actor instead. Output shards already published are skipped on a rerun
+(resume shard by shard). A record
 whose image does not decode keeps its row without the new caption and is counted
 (``corrupt_image``); so are empty captions and model failures on one image.
 
@@ -203,7 +205,11 @@ class CaptionModel:
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             start = self.model.config.decoder_start_token_id
             prefix = torch.tensor([[start, *ids]] * n)
-            inputs = {"pixel_values": pixels, "decoder_input_ids": prefix}
+            inputs = {
+                "pixel_values": pixels,
+                "decoder_input_ids": prefix,
+                "decoder_attention_mask": torch.ones_like(prefix),
+            }
         else:
             text = [prompt] * n if prompt else None
             inputs = dict(self.processor(images=images, text=text, return_tensors="pt"))
