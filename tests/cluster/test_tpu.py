@@ -95,16 +95,16 @@ def test_dry_run_prints_the_backend_first(tmp_path, capsys):
 # standing in for the chips): the tiny recipe, one Ray Train worker. One, because each
 # process has its own PJRT CPU client: two workers both claim rank 0 of the xla:// rendezvous
 # (measured: EADDRINUSE on its TCPStore), so config.py refuses pjrt_device=CPU with more.
-# iBOT on every token weighted by the mask (mim_tokens=all, visible weight 0): the recipe's
-# mim_tokens=masked selects a varying number of tokens (x[masks]), a new graph per count.
+# The recipe's iBOT (mim_tokens=masked) with objective.mim_fixed_shapes=true, as tips_b14_tpu
+# sets it: every token weighted by the mask instead of x[masks], whose varying number of
+# selected tokens compiled new graphs at almost every step.
 XLA_RUN = [
     "recipe=tiny_cpu",
     "train.total_steps=12",
     "train.log_every_steps=2",
     "train.checkpoint_every_steps=6",
     "train.eval_every_steps=12",
-    "objective.mim_tokens=all",
-    "objective.mim_visible_weight=0",
+    "objective.mim_fixed_shapes=true",
 ]
 TPU_ON_CPU = ["scaling.accelerator=tpu", "scaling.pjrt_device=CPU"]
 

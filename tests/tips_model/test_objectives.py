@@ -197,3 +197,30 @@ def test_ibot_distills_masked_tokens_only_and_centres_on_them():
     center = obj.ibot_loss.center.flatten()
     torch.testing.assert_close(center, 0.1 * t_logits[masks].mean(0))  # momentum 0.9 from 0
     assert not torch.allclose(center, 0.1 * t_logits.flatten(0, 1).mean(0))
+
+
+def test_fixed_shape_ibot_is_the_masked_ibot_loss_centre_and_diagnostics():
+    """``mim_fixed_shapes`` (TPU recipes: no shape that depends on the masks) computes the
+    same iBOT loss, teacher centre, target diagnostics and per-token loss as ``x[masks]``."""
+    batch = make_batch()
+    step = StepState(step=0, teacher_temp=0.04, progress=0.0)
+    runs = []
+    for fixed in (False, True):
+        obj = build(TipsObjectiveConfig(**HEAD, mim_fixed_shapes=fixed, koleo_weight=0.1))
+        out = obj(batch, step)
+        out.loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in obj.student.parameters() if p.grad is not None])
+        runs.append((out, obj.ibot_loss.center.clone(), grad))
+    (a, ca, ga), (b, cb, gb) = runs
+    assert set(a.losses) == set(b.losses)
+    for k in a.losses:
+        torch.testing.assert_close(a.losses[k], b.losses[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ca, cb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    for k in ("ibot/entropy", "ibot/mean_entropy", "ibot/logit_spread", "ibot/token_loss"):
+        torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fixed_shape_ibot_refuses_sinkhorn():
+    with pytest.raises(ValueError, match="mim_fixed_shapes=true needs objective.centering"):
+        TipsObjectiveConfig(**HEAD, mim_fixed_shapes=True, centering="sinkhorn")

@@ -162,3 +162,20 @@ class IBOTPatchLoss(CenteredTeacherLoss):
                 centre is left unchanged when no rank has a token to average.
         """
         self._update_center_from_rows(_select_masked(teacher_patch_logits, masks))
+
+    @torch.no_grad()
+    def update_center_fixed_shape(
+        self, teacher_patch_logits: torch.Tensor, masks: torch.Tensor
+    ) -> None:
+        """``update_center(logits, masks)`` with shapes that do not depend on the masks: the
+        masked rows weigh 1, the others 0 (for XLA, where ``x[masks]`` recompiles whenever
+        the number of masked tokens changes).
+
+        Args:
+            teacher_patch_logits: ``[B, N, K]`` teacher logits of every token.
+            masks: ``[B, N]`` bool.
+        """
+        k = teacher_patch_logits.shape[-1]
+        self._update_center_from_rows(
+            teacher_patch_logits.reshape(-1, k), masks.reshape(-1).to(teacher_patch_logits.dtype)
+        )

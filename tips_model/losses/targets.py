@@ -145,10 +145,18 @@ def distributed_mean(x: torch.Tensor) -> torch.Tensor | None:
     return total / count
 
 
-def _distributed_sum_count(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([K] sum of the rows, 0-d row count)`` over all ranks, one all-reduce, on device."""
+def _distributed_sum_count(
+    x: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([K] sum of the rows, 0-d row count)`` over all ranks, one all-reduce, on device.
+    With ``weights`` ``[n]`` (0/1: the rows that count), the weighted sum and their total: a
+    selection of rows with a fixed shape (XLA compiles one graph whatever the selection)."""
     x = x.float()
-    packed = torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])])  # [K + 1]
+    if weights is None:
+        packed = torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])])  # [K + 1]
+    else:
+        w = weights.float()
+        packed = torch.cat([(x * w[:, None]).sum(dim=0), w.sum().reshape(1)])
     all_reduce_(packed)
     return packed[:-1], packed[-1]
 
@@ -196,15 +204,18 @@ class CenteredTeacherLoss(nn.Module):
         return softmax_center(teacher_logits, self.center, teacher_temp)
 
     @torch.no_grad()
-    def _update_center_from_rows(self, rows: torch.Tensor) -> None:
+    def _update_center_from_rows(
+        self, rows: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> None:
         """``c <- m c + (1 - m) mean(rows over all ranks)``; unchanged when no rank has a row.
 
         Args:
             rows: ``[n, K]`` teacher logits of this rank (every rank calls).
+            weights: ``[n]`` 0/1, the rows that count (fixed-shape selection); None: all.
         """
         # distributed_mean + ema_ without reading the count on the host (a lazy device such
         # as XLA would cut the step's graph there): the same arithmetic, selected on device
-        total, count = _distributed_sum_count(rows)
+        total, count = _distributed_sum_count(rows, weights)
         m = self.center_momentum
         mean = (total / count.clamp(min=1)).reshape(self.center.shape)
         updated = torch.add(self.center * m, mean.to(self.center.dtype), alpha=1 - m)
@@ -213,7 +224,10 @@ class CenteredTeacherLoss(nn.Module):
 
 @torch.no_grad()
 def target_stats(
-    teacher_probs: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float
+    teacher_probs: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collapse diagnostics of one batch of teacher targets (this rank's rows; no host read).
 
@@ -221,6 +235,8 @@ def target_stats(
         teacher_probs: ``[n, K]`` centred teacher distributions (rows sum to 1).
         teacher_logits: ``[n, K]`` the teacher head's raw logits they came from.
         teacher_temp: the temperature the targets were made with.
+        weights: ``[n]`` 0/1, the rows that count (a fixed-shape selection, e.g. the masked
+            tokens of ``[B, N]``, flattened); None: every row.
 
     Returns:
         ``entropy``: mean per-row entropy (nats); ``log K`` = uniform targets (collapse),
@@ -233,10 +249,33 @@ def target_stats(
     """
     p = teacher_probs.float().flatten(0, -2)
     logp = p.clamp_min(1e-12).log()
+    if weights is not None:
+        return _weighted_target_stats(p, logp, teacher_logits, teacher_temp, weights)
     mean = p.mean(dim=0)
     spread = teacher_logits.float().flatten(0, -2).std(dim=0, correction=0).mean()
     return {
         "entropy": -(p * logp).sum(-1).mean(),
         "mean_entropy": -(mean * mean.clamp_min(1e-12).log()).sum(),
         "logit_spread": spread / teacher_temp,
+    }
+
+
+def _weighted_target_stats(
+    p: torch.Tensor,
+    logp: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    weights: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``target_stats`` over the rows with weight 1 only, with fixed shapes."""
+    w = weights.float().flatten()
+    n = w.sum().clamp(min=1)
+    mean = (p * w[:, None]).sum(dim=0) / n
+    x = teacher_logits.float().flatten(0, -2)
+    mu = (x * w[:, None]).sum(dim=0) / n
+    var = (((x - mu) ** 2) * w[:, None]).sum(dim=0) / n
+    return {
+        "entropy": (-(p * logp).sum(-1) * w).sum() / n,
+        "mean_entropy": -(mean * mean.clamp_min(1e-12).log()).sum(),
+        "logit_spread": var.sqrt().mean() / teacher_temp,
     }

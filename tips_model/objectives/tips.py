@@ -214,6 +214,8 @@ class TipsObjective(Objective):
             if cfg.beta > 0:
                 head = self.teacher["ibot_head" if "ibot_head" in self.teacher else "dino_head"]
                 tokens = out.patch_tokens  # [B*G,N,D]
+                if self._fixed_shape_ibot(masks):
+                    return cls_probs, *self._fixed_shape_targets(head, tokens, masks, temp, stats)
                 if cfg.mim_tokens == "masked" and masks is not None:
                     tokens = tokens[masks]  # [n_masked,D]; on every token the 65536-way
                     # head held most of the step's memory (B/14, batch 256: 92 vs 67 GiB)
@@ -224,6 +226,28 @@ class TipsObjective(Objective):
                     for k, v in target_stats(patch_probs, patch_logits, temp).items():
                         stats[f"ibot/{k}"] = v
         return cls_probs, patch_probs, stats
+
+    def _fixed_shape_ibot(self, masks: torch.Tensor | None) -> bool:
+        cfg = self.cfg
+        return cfg.mim_fixed_shapes and cfg.mim_tokens == "masked" and masks is not None
+
+    def _fixed_shape_targets(
+        self,
+        head: nn.Module,
+        tokens: torch.Tensor,
+        masks: torch.Tensor,
+        temp: float,
+        stats: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """iBOT's teacher targets on every token ``[B*G,N,K]``; the centre update and the
+        diagnostics weigh the masked tokens 1 and the others 0 (``mim_fixed_shapes``)."""
+        patch_logits = head(tokens).float()  # [B*G,N,K]
+        patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
+        self.ibot_loss.update_center_fixed_shape(patch_logits, masks)
+        weights = masks.reshape(-1)
+        for k, v in target_stats(patch_probs, patch_logits, temp, weights).items():
+            stats[f"ibot/{k}"] = v
+        return patch_probs, stats
 
     def _center(self, loss: nn.Module, logits: torch.Tensor, temp: float) -> torch.Tensor:
         if self.cfg.centering == "sinkhorn":
@@ -279,6 +303,11 @@ class TipsObjective(Objective):
                     masked_weight=cfg.mim_masked_weight,
                     visible_weight=cfg.mim_visible_weight,
                 )
+            elif self._fixed_shape_ibot(masks):  # the same loss as below, on every token
+                s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
+                losses["ibot"] = self.ibot_loss.forward_all(
+                    s_patch, patch_probs, masks, masked_weight=1.0, visible_weight=0.0
+                )
             else:
                 s_patch = student.patch_head()(s.glob.patch_tokens[masks])  # [n_masked,K]
                 losses["ibot"] = self.ibot_loss.forward_masked(s_patch, patch_probs, masks)
@@ -286,7 +315,12 @@ class TipsObjective(Objective):
             # (DINOv2); the mean over the distilled tokens is what compares with log K.
             with torch.no_grad():
                 ce = soft_cross_entropy(s_patch.detach(), patch_probs, cfg.student_temp)
-                token_metrics = {"ibot/token_loss": ce.mean() if ce.numel() else ce.sum()}
+                if self._fixed_shape_ibot(masks):
+                    m = masks.to(ce.dtype)
+                    token_loss = (ce * m).sum() / m.sum().clamp(min=1)
+                else:
+                    token_loss = ce.mean() if ce.numel() else ce.sum()
+                token_metrics = {"ibot/token_loss": token_loss}
             total = total + cfg.beta * losses["ibot"]
         if cfg.koleo_weight > 0:
             losses["koleo"] = koleo_loss(s.contrastive.cls_alt.float())

@@ -44,6 +44,10 @@ class TipsObjectiveConfig:
     mim_tokens: str = "masked"  # "masked" = iBOT (TIPS); "all" = iBOT++ (TIPSv2)
     mim_masked_weight: float = 1.0  # [open] Q6: iBOT++ weight of masked tokens
     mim_visible_weight: float = 1.0  # [open] Q6: iBOT++ weight of visible tokens
+    # iBOT (mim_tokens="masked") computed on every token with weights 0/1 instead of x[masks]:
+    # the same loss, centre and diagnostics with shapes that do not depend on the masks, so
+    # XLA compiles one graph (TPU recipes); the heads then run on every token (more compute)
+    mim_fixed_shapes: bool = False
     # --- teacher (docs/method.md, "Teacher EMA and schedules") ---
     teacher: str = "full_ema"  # "full_ema" (TIPS) | "head_ema" (TIPSv2 head-only EMA)
 
@@ -62,6 +66,11 @@ class TipsObjectiveConfig:
         for key in ("alpha", "beta", "contrastive_alt_weight", "contrastive_syn_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key} must be >= 0 (0 switches the term off)")
+        if self.mim_fixed_shapes and self.centering != "softmax":
+            raise ValueError(
+                "objective.mim_fixed_shapes=true needs objective.centering=softmax (Sinkhorn "
+                "over the masked tokens only is not written with fixed shapes)"
+            )
 
     def loss_terms(self) -> tuple[str, ...]:
         """The ``losses`` keys a forward reports (``loss/<term>`` in metrics)."""
