@@ -3,7 +3,7 @@
     train    train a recipe                         key=value config    cli/train.py
     tune     a Ray Tune sweep over a recipe         key=value config    cli/tune.py
     eval     the evaluation suite                   key=value settings  cli/eval.py
-    data     synth | pack | inspect shard sets      --flags (a tool)    cli/data.py
+    data     synth | pack | ingest | caption | regions | inspect   (--flags)  cli/data.py
     cluster  local up | add | preempt | ...         --flags (a tool)    cli/cluster.py
     recipes  the packaged recipes and sweeps                            cli/recipes.py
 

@@ -34,10 +34,7 @@ from orchestrator.data.pack import _progress, inspect_shards, pack
 from orchestrator.data.shards import ShardError
 
 PROG = "tips data"
-SUMMARY = (
-    "make synthetic shards, pack images + captions into shards, inspect a shard set, "
-    "ingest img2dataset / Hugging Face data, add synthetic captions or detector regions"
-)
+SUMMARY = "shards: synth, pack, ingest (img2dataset, HF), caption, regions, inspect"
 
 
 def _storage(args: argparse.Namespace) -> Any:
