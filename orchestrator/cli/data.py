@@ -133,20 +133,27 @@ def run_caption(args: argparse.Namespace) -> int:
             args.out,
             model=args.model,
             spec=spec,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            num_gpus=args.num_gpus,
-            num_cpus=args.num_cpus,
-            device=args.device,
-            storage=_storage(args),
-            overwrite=args.overwrite,
-            progress=bar.update,
+            **_model_job_options(args, bar.update),
         )
     print(
         f"captioned {report.captioned} records ({spec.kind!r}, {args.model}) in "
         f"{report.seconds:.1f} s; wrote {report.summary()} into {st.normalize_uri(args.out)}"
     )
     return EXIT_OK if report.written or report.shards_skipped else EXIT_FAILED
+
+
+def _model_job_options(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
+    """The settings ``caption`` and ``regions`` share: actor pool, devices, storage."""
+    return {
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "num_gpus": args.num_gpus,
+        "num_cpus": args.num_cpus,
+        "device": args.device,
+        "storage": _storage(args),
+        "overwrite": args.overwrite,
+        "progress": progress,
+    }
 
 
 def run_regions(args: argparse.Namespace) -> int:
@@ -168,14 +175,7 @@ def run_regions(args: argparse.Namespace) -> int:
             args.out,
             model=args.model,
             spec=spec,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            num_gpus=args.num_gpus,
-            num_cpus=args.num_cpus,
-            device=args.device,
-            storage=_storage(args),
-            overwrite=args.overwrite,
-            progress=bar.update,
+            **_model_job_options(args, bar.update),
         )
     print(
         f"detected regions in {report.captioned} records ({args.model}) in "
