@@ -8,10 +8,18 @@ back to the host: torch's step calls ``.item()`` on two norms per parameter, ~60
 per ViT-B/14 TIPS step that left the GPU idle for 28 % of the step on an H200 (README,
 "GPU step"). Here the norms, relative step sizes and update clipping stay on the device
 (computed in float64, as torch's Python floats are) and only the step counters, which torch
-keeps on the CPU, are read.
+keeps on the CPU, are read (all at once, from the CPU).
 
-With FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on dim 0 over
-a 1-D mesh) torch's step cannot run: its in-place ops on the norms of sharded
+That step is also grouped, so that it is not launch-bound (issue 22, item 5): parameters of
+one shape are stacked and their factored second moments, update and clipping computed on
+the stack (``_factored``), vectors and scalars go through ``torch._foreach_*`` ops
+(``_unfactored``), and the norms, scales and the final update are one foreach op each. A
+step then launches ~20 ops per distinct shape instead of ~12 per parameter (ViT-B/14 TIPS:
+308 tensors, 14 shapes; README, "Performance"). The same path serves FSDP2 on a mesh of one
+(``train.mixed_precision=fsdp_params`` on one GPU), whose local shards are whole tensors.
+
+With FSDP2 over several ranks (``fully_shard``: parameters and gradients are DTensors
+sharded on dim 0 over a 1-D mesh) torch's step cannot run: its in-place ops on the norms of sharded
 tensors raise, and factoring each rank's local shard instead would give other second
 moments than the whole matrix. This step follows torch's single-tensor algorithm
 (``torch/optim/_adafactor.py``; Shazeer & Stern 2018 with torch's defaults) on the local
@@ -22,7 +30,8 @@ shards and sums over all shards exactly what needs the whole tensor:
   the row factor. Row factors are local. Parameters with 3+ dims are split on dim 0, outside
   the two factored dims, so both their factors are local.
 
-That is two all-reduces of one flat buffer each per step, and, as above, no host sync.
+That is two all-reduces of one flat buffer each per step, and, as above, no host sync;
+this sharded step still runs per parameter (one step counter read each).
 The state keeps torch's keys and whole-tensor shapes: ``row_var`` split like the
 parameter's rows, ``col_var`` replicated for 2-D parameters (split on dim 0 otherwise),
 ``variance`` split like the parameter. DCP's
@@ -84,10 +93,12 @@ class Adafactor(torch.optim.Adafactor):
     def step(self, closure: Any = None) -> Any:
         cls = _dtensor_cls()
         live = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if cls is None or not any(isinstance(p, cls) for p, _ in live):
-            if closure is None and _device_step_ok(self.param_groups, self.state):
-                self._device_step()
-                return None
+        dtensors = [p for p, _ in live if cls is not None and isinstance(p, cls)]
+        whole = all(p.device_mesh.size() == 1 for p in dtensors)  # a mesh of one: shard = all
+        if whole and closure is None and _device_step_ok(self.param_groups, self.state):
+            self._device_step()
+            return None
+        if not dtensors:
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -110,39 +121,38 @@ class Adafactor(torch.optim.Adafactor):
         return loss
 
     def _device_step(self) -> None:
-        """torch's Adafactor step for whole (unsharded) parameters with no host sync."""
+        """torch's Adafactor step for whole parameters, grouped: no host sync, and a number
+        of kernels per step that grows with the distinct parameter shapes, not the count."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             lr, d, wd = float(group["lr"]), group["d"], group["weight_decay"]
             eps1, eps2 = group["eps"]
-            grads = [p.grad for p in params]
-            states = [_init_state(self.state[p], p, sharded=False) for p in params]
-            for st in states:
-                st["step"] += 1  # a CPU tensor, as torch keeps it: reading it costs no sync
-            steps = [float(st["step"]) for st in states]
-            p_norms = torch._foreach_norm(params)  # before weight decay, as torch
+            cls = _dtensor_cls()
+            states = [
+                _init_state(self.state[p], p, cls is not None and isinstance(p, cls))
+                for p in params
+            ]
+            counters = [st["step"] for st in states]
+            torch._foreach_add_(counters, 1.0)  # CPU tensors, as torch keeps them: no sync
+            steps = torch.stack(counters).tolist()
+            local = [_local(p) for p in params]  # a mesh of one: the shard is the whole
+            grads = [_local(p.grad) for p in params]
+            p_norms = torch._foreach_norm(local)  # before weight decay, as torch
             if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            updates = []
-            for p, g, st, s in zip(params, grads, states, steps):
-                omb = s ** group["beta2_decay"]  # 1 - beta2_t
-                e1 = eps1 if eps1 is not None else torch.finfo(p.dtype).eps
-                if g.dim() > 1:
-                    row_var, col_var = st["row_var"], st["col_var"]
-                    row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
-                    row_var.lerp_(row_mean.div_(g.size(-1)), omb)
-                    col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
-                    col_var.lerp_(col_mean.div_(g.size(-2)), omb)
-                    var = row_var @ col_var
-                    var.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=e1))
-                else:
-                    st["variance"].lerp_(g * g, omb)
-                    var = st["variance"].clone()
-                updates.append(var.clamp_(min=e1 * e1).rsqrt_().mul_(g))
+                torch._foreach_mul_(local, 1 - lr * wd)
+            e1 = eps1 if eps1 is not None else torch.finfo(local[0].dtype).eps
+            updates: list[Tensor] = [grads[0]] * len(local)  # every slot is filled below
+            for idx, factored in _buckets(grads, steps):
+                omb = steps[idx[0]] ** group["beta2_decay"]  # 1 - beta2_t
+                sub = [states[i] for i in idx]
+                g = [grads[i] for i in idx]
+                new = _factored(g, sub, omb, e1) if factored else _unfactored(g, sub, omb, e1)
+                for i, u in zip(idx, new):
+                    updates[i] = u
             u_norms = torch._foreach_norm(updates)
-            dev = params[0].device
+            dev = local[0].device
             sqrt_n = torch.tensor([p.numel() ** 0.5 for p in params], dtype=torch.float64)
             rho = torch.tensor([min(lr, 1 / s**0.5) for s in steps], dtype=torch.float64)
             sqrt_n, rho = sqrt_n.to(dev, non_blocking=True), rho.to(dev, non_blocking=True)
@@ -150,7 +160,7 @@ class Adafactor(torch.optim.Adafactor):
             denom = (torch.stack(u_norms).double() / (sqrt_n * d)).clamp_(min=1.0)
             scale = (alpha / denom).neg_().to(updates[0].dtype)
             torch._foreach_mul_(updates, list(scale.unbind(0)))
-            torch._foreach_add_(params, updates)
+            torch._foreach_add_(local, updates)
 
     def _item(self, p: Tensor, group: dict[str, Any]) -> _Item:
         if group["maximize"] or torch.is_complex(p):
@@ -210,6 +220,60 @@ class Adafactor(torch.optim.Adafactor):
             variance.lerp_(it.grad * it.grad, omb)
             var_estimate = variance.clone()
         return var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(it.grad)
+
+
+# Upper bound on the elements of one stacked bucket of same-shape gradients: the stack and
+# the variance estimate are its temporaries (2 x 256 MiB in fp32). Our choice: above it the
+# launch count is already small (ViT-g's largest shape, 40 x 1536 x 4096 SwiGLU halves,
+# makes 4 buckets).
+_BUCKET_NUMEL = 1 << 26
+
+
+def _buckets(grads: list[Tensor], steps: list[float]) -> list[tuple[list[int], bool]]:
+    """Indices of parameters updated together, with whether they are factored (2+ dims):
+    factored ones by (shape, step), in chunks of at most ``_BUCKET_NUMEL`` elements; the
+    rest (vectors, scalars) by step, one bucket each."""
+    keys: dict[tuple, list[int]] = {}
+    for i, (g, s) in enumerate(zip(grads, steps)):
+        keys.setdefault((g.dim() > 1, tuple(g.shape) if g.dim() > 1 else (), s), []).append(i)
+    out = []
+    for (factored, shape, _), idx in keys.items():
+        per = max(1, _BUCKET_NUMEL // max(1, math.prod(shape))) if factored else len(idx)
+        out.extend((idx[j : j + per], factored) for j in range(0, len(idx), per))
+    return out
+
+
+def _factored(
+    grads: list[Tensor], states: list[dict[str, Any]], omb: float, eps1: float
+) -> list[Tensor]:
+    """Updates of same-shape 2+-D parameters, computed on their stack: torch's row and
+    column factors (written back into each state) and ``g / sqrt(row x col / mean(row))``."""
+    g = torch.stack(grads)  # [k, ..., R, C]
+    rows, cols = g.shape[-2], g.shape[-1]
+    row_vars = [_local(st["row_var"]) for st in states]
+    col_vars = [_local(st["col_var"]) for st in states]
+    row_var, col_var = torch.stack(row_vars), torch.stack(col_vars)
+    row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
+    row_var.lerp_(row_mean.div_(cols), omb)
+    col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
+    col_var.lerp_(col_mean.div_(rows), omb)
+    torch._foreach_copy_(row_vars, list(row_var.unbind(0)))
+    torch._foreach_copy_(col_vars, list(col_var.unbind(0)))
+    var = row_var @ col_var
+    var.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    return list(var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g).unbind(0))
+
+
+def _unfactored(
+    grads: list[Tensor], states: list[dict[str, Any]], omb: float, eps1: float
+) -> list[Tensor]:
+    """Updates of vectors and scalars with torch's full second moment, as foreach ops."""
+    variance = [_local(st["variance"]) for st in states]
+    torch._foreach_lerp_(variance, torch._foreach_mul(grads, grads), omb)
+    var = torch._foreach_clamp_min(variance, eps1 * eps1)
+    torch._foreach_rsqrt_(var)
+    torch._foreach_mul_(var, grads)
+    return var
 
 
 def _device_step_ok(groups: list[dict[str, Any]], state: Any) -> bool:
