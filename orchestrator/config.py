@@ -160,7 +160,9 @@ class TrainConfig:
         default_factory=lambda: ["zero_shot_seg", "retrieval", "zero_shot_cls"]
     )
     eval_max_images: int = 32  # images per periodic evaluation (a quick signal, not a benchmark)
-    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    # stop after this many non-finite losses in a row; the skips are counted on the device
+    # and read at log steps, so the run stops at the next one (orchestrator/train/guard.py)
+    max_nonfinite_steps: int = 10
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU reservation
     preemption_check_every_steps: int = 5  # ray.train.get_preemption_info() is a barrier
     # after a drain notice: checkpoint at once, and again this long (plus twice that first

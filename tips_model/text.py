@@ -48,7 +48,8 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device | None = No
     """Fixed position signal [length, dim] (docs/method.md, "Text encoder"), float32."""
     num_ts = dim // 2
     # float32 throughout, as the reference computes it (same rounding of the increment).
-    increment = torch.tensor(1e4, dtype=torch.float32, device=device).log() / max(num_ts - 1, 1)
+    # torch.full, not torch.tensor(1e4, device=): no host-to-device copy (a GPU sync) per call
+    increment = torch.full((), 1e4, dtype=torch.float32, device=device).log() / max(num_ts - 1, 1)
     inv_ts = torch.exp(torch.arange(num_ts, dtype=torch.float32, device=device) * -increment)
     t = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_ts[None, :]
     signal = torch.cat([torch.sin(t), torch.cos(t)], dim=1)

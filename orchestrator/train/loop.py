@@ -8,10 +8,16 @@
    ``ray.train.get_checkpoint()`` (a restart or a resubmitted run) or ``run.resume_from``;
    wrap it for ``scaling.strategy`` (DDP, or FSDP sharding: ``orchestrator/train/parallel.py``),
    build the optimizer and restore its state;
-3. iterate the dataset shard; per optimizer step: ``accum_steps`` micro-batches of forward
-   + backward (bf16 autocast on GPU), a non-finite check agreed by all ranks, clip, step,
-   EMA teacher update, schedules indexed by the global step;
-4. every ``log_every_steps`` report metrics on all ranks (``report`` is a barrier); every
+3. iterate the dataset shard (host batches; the bookkeeping columns stay on the host, the
+   rest is copied to the device); per optimizer step: ``accum_steps`` micro-batches of
+   forward + backward (bf16 autocast on GPU), clip, step, EMA teacher update, schedules
+   indexed by the global step. Nothing in a step reads a tensor back to the host: a
+   non-finite loss is found and its update undone on the device (``orchestrator/train/
+   guard.py``), and metrics are summed there;
+4. every ``log_every_steps`` (and at every checkpoint) read what the steps left on the
+   device: the metrics, the skipped non-finite steps (``train.max_nonfinite_steps`` in a row
+   stop the run here, so up to ``log_every_steps`` late) and the stream position all ranks
+   agree on; report metrics on all ranks (``report`` is a barrier); every
    ``checkpoint_every_steps``, at the end, and once when a node is being drained for
    preemption, rank 0 writes a complete, unsharded checkpoint (under FSDP every rank joins
    the gather first) and hands it to Ray.
@@ -36,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 from orchestrator import config as config_lib
-from orchestrator.data.pipeline import pop_data_stats
+from orchestrator.data.pipeline import STAT_COLUMNS, pop_data_stats
+from orchestrator.train.guard import StepGuard
 from orchestrator.train.loggers import Loggers, open_loggers
 from orchestrator.train.metrics import (
     IntervalMeter,
@@ -100,13 +107,6 @@ def _restore(
     return state, source, optim_state
 
 
-def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    if distributed:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
 # Failures that repeat on every attempt: the workers stop without raising, so they do not
 # consume run.max_failures, and rank 0 leaves the reason for the driver (FATAL_FILE).
 DETERMINISTIC_FAILURES = (NonFiniteLossError, CheckpointError, DataExhaustedError)
@@ -150,6 +150,7 @@ class Worker:
     loggers: Loggers  # TensorBoard, MLflow, W&B (rank 0; orchestrator/train/loggers.py)
     history: MetricsHistory
     monitor: Any
+    guard: StepGuard | None = None  # made at the first step (orchestrator/train/guard.py)
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
@@ -170,7 +171,8 @@ def _steps(w: Worker) -> None:
             batch_size=w.plan.micro_batch,
             drop_last=True,
             prefetch_batches=2,
-            device="cpu" if w.device.type == "xla" else w.device,  # moved in train_step
+            device="cpu",  # host batches: train_step keeps the bookkeeping columns here
+            pin_memory=w.device.type == "cuda",  # and copies the rest without waiting
         )
     )
     meter, throughput = IntervalMeter(), Throughput()
@@ -183,11 +185,7 @@ def _steps(w: Worker) -> None:
         w.state.step += 1
         w.state.samples_seen += w.plan.global_batch_size
         first_step_unix = first_step_unix or time.time()
-        w.state.data_position = (
-            position
-            if w.strategy.deferred_checks  # XLA: agreed at log steps (_read_deferred)
-            else _agree_position(position, w.device, w.distributed)
-        )
+        w.state.data_position = position  # this rank's; all agree at log steps
         throughput.samples(w.plan.per_rank_batch)
         preempted = preemption.due(w)
         last = w.state.step >= w.plan.total_steps
@@ -195,8 +193,7 @@ def _steps(w: Worker) -> None:
         every = w.cfg.train.eval_every_steps
         want_eval = every > 0 and (w.state.step % every == 0 or last)
         if want_ckpt or want_eval or w.state.step % w.cfg.train.log_every_steps == 0:
-            if w.strategy.deferred_checks:
-                _read_deferred(w)
+            _read_deferred(w)
             metrics = _metrics(meter, throughput, w.state, sched, w.cfg, w.world_size)
             metrics["time/first_step_unix"] = first_step_unix
             metrics.update(w.strategy.perf_metrics())
@@ -227,7 +224,7 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
     state, source, optim_state = _restore(cfg, objective, loop_config["run_uri"])
-    strategy = _strategy(cfg, objective, device, world_size if distributed else 1, state)
+    strategy = _strategy(cfg, objective, device, world_size if distributed else 1)
     optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
     if optim_state is not None:
         strategy.load_optimizer_state(objective, optimizer, optim_state)
@@ -269,14 +266,13 @@ def _strategy(
     objective: torch.nn.Module,
     device: torch.device,
     world_size: int,
-    state: TrainState,
 ) -> Any:
     """DDP / FSDP / none (orchestrator/train/parallel.py), or on XLA no wrapper: replicas
     all-reduce their gradients through XLA (orchestrator/train/xla.py XlaStrategy)."""
     if device.type == "xla":
         from orchestrator.train.xla import XlaStrategy
 
-        return XlaStrategy(objective, world_size, device, skipped_before=state.nonfinite_total)
+        return XlaStrategy(objective, world_size, device)
     return wrap_for_distributed(objective, cfg, device, world_size)
 
 
@@ -289,7 +285,8 @@ def train_step(
 ) -> int:
     """One optimizer step: ``accum_steps`` micro-batches of forward + backward (bf16 autocast
     on GPU and XLA), then ``optimizer_step``; on XLA the step is one graph closed by
-    ``strategy.end_step``. Returns the furthest stream position consumed."""
+    ``strategy.end_step``. No host read (``orchestrator/train/guard.py``). Returns the
+    furthest stream position consumed."""
     state, plan = w.state, w.plan
     seed = step_seed(w.cfg.train.seed, state.step, w.rank)
     torch.manual_seed(seed)
@@ -297,19 +294,16 @@ def train_step(
     step_state = StepState(
         step=state.step, teacher_temp=sched["teacher_temp"], progress=state.step / plan.total_steps
     )
+    if w.guard is None:
+        w.guard = StepGuard(w.device, skipped_before=state.nonfinite_total)
+    w.guard.begin_step(w.objective)  # the forward updates the loss centres
     total = torch.zeros((), device=w.device)
     position = 0
     for micro in range(plan.accum_steps):
         t0 = time.perf_counter()
-        batch = _next_batch(w, batches)
+        batch, position = _next_batch(w, batches)
         if throughput is not None:
             throughput.data_wait(time.perf_counter() - t0)
-        for key, value in pop_data_stats(batch).items():
-            state.data_stats[key] = state.data_stats.get(key, 0.0) + value
-        position = int(batch.pop("sample_index").max()) + 1
-        batch.pop("epoch", None)
-        if w.device.type == "xla":  # the host batch Ray Data made, onto the XLA device
-            batch = {k: v.to(w.device) for k, v in batch.items()}
         grad_sync = w.strategy.micro_batch(final=micro == plan.accum_steps - 1)
         autocast = torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.use_bf16)
         with grad_sync, autocast:
@@ -323,9 +317,14 @@ def train_step(
     return position
 
 
-def _next_batch(w: Worker, batches: Any) -> dict[str, torch.Tensor]:
+def _next_batch(w: Worker, batches: Any) -> tuple[dict[str, torch.Tensor], int]:
+    """The next host batch's tensors on the device, and the stream position after it.
+
+    The bookkeeping columns (``sample_index``, ``epoch``, the data stats) are read on the
+    host as numpy views, never from the device; the rest is copied without waiting (pinned
+    memory on CUDA)."""
     try:
-        return next(batches)
+        batch = next(batches)
     except StopIteration:
         skipped = {
             k.removeprefix("data/"): int(v)
@@ -338,41 +337,53 @@ def _next_batch(w: Worker, batches: Any) -> dict[str, torch.Tensor]:
             f"{w.cfg.data.max_skipped_fraction}): fix the data at {w.cfg.data.train_uri} "
             "or raise data.max_skipped_fraction"
         ) from None
+    host = {k: batch.pop(k).numpy() for k in (*STAT_COLUMNS, "sample_index", "epoch") if k in batch}
+    for key, value in pop_data_stats(host).items():
+        w.state.data_stats[key] = w.state.data_stats.get(key, 0.0) + value
+    non_blocking = w.device.type == "cuda"
+    batch = {k: v.to(w.device, non_blocking=non_blocking) for k, v in batch.items()}
+    return batch, int(host["sample_index"].max()) + 1
 
 
 def optimizer_step(
     w: Worker, total: torch.Tensor, sched: dict[str, float], meter: IntervalMeter
 ) -> None:
-    """Skip a non-finite step (all ranks agree; too many in a row stop the run), else clip,
-    freeze the last layer early, set the LR, step, and update the EMA teacher."""
+    """Clip, freeze the last layer early, set the LR, step, and update the EMA teacher; a
+    step whose loss is not finite on some rank is undone on the device (weights, teacher,
+    loss centres, optimizer state: ``orchestrator/train/guard.py``; ``train_step`` has
+    called ``w.guard.begin_step``) and counted there, read at the next log step
+    (``_read_deferred``)."""
     state, cfg = w.state, w.cfg
     w.strategy.finish_grads()
-    # XLA: no host read here; the update is undone on the device if the loss is not finite
-    guard = w.strategy.guard(total, w.optimizer) if w.strategy.deferred_checks else None
-    if guard is None and not _all_finite(total, w.distributed):
-        w.optimizer.zero_grad(set_to_none=True)
-        state.nonfinite_in_a_row += 1
-        state.nonfinite_total += 1
-        logger.warning(
-            "step %d: non-finite loss, step skipped (%d in a row)",
-            state.step, state.nonfinite_in_a_row,
-        )  # fmt: skip
-        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            raise _too_many_nonfinite(state, cfg)
-        return
-    state.nonfinite_in_a_row = 0 if guard is None else state.nonfinite_in_a_row
     if cfg.optim.grad_clip_norm > 0:
         params = list(w.objective.student.parameters())
         w.strategy.clip_grad_norm_(params, cfg.optim.grad_clip_norm)
     if state.step < cfg.optim.freeze_last_layer_steps:
         _zero_last_layer_grads(w.objective)
-    set_lr(w.optimizer, sched["lr"])
-    w.optimizer.step()
+    if _creates_state(w.optimizer):
+        # The update would create optimizer state the guard could not put back: read the
+        # flag this once (a fresh run's first step, the first after the last-layer freeze).
+        saved, finite = None, w.guard.count_on_host(total, w.distributed)
+    else:
+        saved = w.guard.before_update(total, w.objective, w.optimizer, w.distributed)
+        finite = saved[0]
+    if saved is not None or finite:  # guarded, or read as finite: update
+        set_lr(w.optimizer, sched["lr"])
+        w.optimizer.step()
+        w.objective.update_teacher(sched["ema_momentum"])
     w.optimizer.zero_grad(set_to_none=True)
-    w.objective.update_teacher(sched["ema_momentum"])
-    if guard is not None:
-        w.strategy.keep_if_finite(guard)
-    meter.add("loss", {"total": total})
+    if saved is not None:
+        w.guard.keep_if_finite(saved)
+    meter.add("loss", {"total": total}, keep=finite)
+
+
+def _creates_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` would create state: a parameter with a gradient and none."""
+    return any(
+        p.grad is not None and not optimizer.state.get(p)
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
 
 
 def _too_many_nonfinite(state: TrainState, cfg: config_lib.TipsConfig) -> NonFiniteLossError:
@@ -384,17 +395,20 @@ def _too_many_nonfinite(state: TrainState, cfg: config_lib.TipsConfig) -> NonFin
 
 
 def _read_deferred(w: Worker) -> None:
-    """XLA, at log steps: what the CPU/GPU loop reads every step. The stream position all
-    ranks agree on, and the non-finite steps the device counted (the run stops here, up to
-    ``log_every_steps`` after ``train.max_nonfinite_steps`` was reached)."""
+    """At log and checkpoint steps, what no step reads: the stream position all ranks agree
+    on, and the non-finite steps the device counted (the run stops here, up to
+    ``log_every_steps`` after ``train.max_nonfinite_steps`` were reached; every rank reads
+    the same agreed counts, so all raise together)."""
     state = w.state
     state.data_position = _agree_position(state.data_position, w.device, w.distributed)
-    in_a_row, total = w.strategy.read_nonfinite()
+    if w.guard is None:  # no step taken by this worker yet
+        return
+    in_a_row, total = w.guard.read()
     if total > state.nonfinite_total:
         logger.warning(
-            "step %d: %d step(s) with a non-finite loss skipped since step %d (%d in a row)",
-            state.step, total - state.nonfinite_total, state.step - w.cfg.train.log_every_steps,
-            in_a_row,
+            "step %d: %d step(s) with a non-finite loss skipped since the previous log step "
+            "(%d in a row)",
+            state.step, total - state.nonfinite_total, in_a_row,
         )  # fmt: skip
     state.nonfinite_in_a_row, state.nonfinite_total = in_a_row, total
     if in_a_row >= w.cfg.train.max_nonfinite_steps:

@@ -27,24 +27,41 @@ logger = logging.getLogger(__name__)
 
 
 class IntervalMeter:
-    """Averages scalar tensors over a logging interval, syncing to the host once."""
+    """Averages scalar tensors over a logging interval on their device; ``pop`` (at log
+    steps) is the only host read."""
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = defaultdict(int)
+        self._counts: dict[str, int | torch.Tensor] = defaultdict(int)
 
-    def add(self, prefix: str, values: dict[str, torch.Tensor]) -> None:
+    def add(
+        self, prefix: str, values: dict[str, torch.Tensor], keep: bool | torch.Tensor = True
+    ) -> None:
+        """Add one step's values; ``keep`` False (a bool, or a 0-d bool device tensor, so
+        no read) leaves this step out of the averages, e.g. a skipped non-finite step."""
         for k, v in values.items():
             key = f"{prefix}/{k}"
             v = v.detach().float()
+            if isinstance(keep, torch.Tensor):
+                v = torch.where(keep, v, 0.0)
+                self._counts[key] = self._counts[key] + keep.float()
+            elif keep:
+                self._counts[key] += 1
+            else:
+                continue
             self._sums[key] = self._sums[key] + v if key in self._sums else v.clone()
-            self._counts[key] += 1
 
     def pop(self) -> dict[str, float]:
-        out = {k: float(v) / self._counts[k] for k, v in self._sums.items()}
+        """The interval's means (NaN for a value every step of it left out); resets."""
+        out = {k: _mean(v, self._counts[k]) for k, v in self._sums.items()}
         self._sums.clear()
         self._counts.clear()
         return out
+
+
+def _mean(total: torch.Tensor, count: int | torch.Tensor) -> float:
+    n = float(count)
+    return float(total) / n if n > 0 else math.nan
 
 
 class Throughput:

@@ -65,7 +65,6 @@ class Strategy:
 
     name = "none"
     collective_eval = False  # periodic evaluation must run on every rank
-    deferred_checks = False  # XLA: no host reads inside a step (orchestrator/train/xla.py)
 
     def begin_step(self, seed: int) -> None:
         """Before a step's first micro-batch (the loop has seeded torch's generator)."""

@@ -202,26 +202,18 @@ class XlaStrategy(Strategy):
     No DDP wrapper: after the last micro-batch ``finish_grads`` averages the gradients over
     the replicas with one ``xm.all_reduce`` (what ``xm.optimizer_step`` does). Every step is
     one traced graph closed by ``end_step`` (``torch_xla.sync``), and nothing in it reads a
-    value on the host: the non-finite check is ``guard``/``keep_if_finite`` (the step's
-    parameter, buffer and optimizer updates are selected on the device, and device counters
-    count the skipped steps; the loop reads them at log steps; host-side optimizer state, such
-    as AdamW's CPU ``step`` counter, still advances). Checkpoints are host copies
-    (``to_cpu``) in the usual format; periodic evaluation runs on a host copy of the student.
+    value on the host, as on every strategy: the loop's non-finite check is
+    ``orchestrator/train/guard.py``'s ``StepGuard`` (the step's parameter, buffer and
+    optimizer updates are selected on the device, device counters count the skipped steps,
+    the loop reads them at log steps; host-side optimizer state, such as AdamW's CPU ``step``
+    counter, still advances). Checkpoints are host copies (``to_cpu``) in the usual format;
+    periodic evaluation runs on a host copy of the student.
     """
 
     name = "xla"
-    deferred_checks = True  # no host reads inside a step
 
-    def __init__(
-        self,
-        objective: torch.nn.Module,
-        world_size: int,
-        device: torch.device,
-        skipped_before: int = 0,
-    ) -> None:
+    def __init__(self, objective: torch.nn.Module, world_size: int, device: torch.device) -> None:
         self.objective, self.world_size, self.device = objective, world_size, device
-        self.in_a_row = torch.zeros((), dtype=torch.int32, device=device)
-        self.skipped = torch.full((), skipped_before, dtype=torch.int32, device=device)
         self._compiles = compile_count()
 
     def begin_step(self, seed: int) -> None:
@@ -237,27 +229,6 @@ class XlaStrategy(Strategy):
             return
         grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
         xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / self.world_size)
-
-    def guard(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> Any:
-        """Before the update: the finite flag and the tensors the update may change."""
-        tensors = [*self.objective.parameters(), *self.objective.buffers()]
-        for per_param in optimizer.state.values():
-            tensors += [v for v in per_param.values() if _on_device(v)]
-        finite = torch.isfinite(loss.detach()).all()
-        return finite, [(t, t.detach().clone()) for t in tensors]
-
-    @torch.no_grad()
-    def keep_if_finite(self, guard: Any) -> None:
-        """After the update: undo it on the device when the loss was not finite."""
-        finite, saved = guard
-        for t, old in saved:
-            t.copy_(torch.where(finite, t, old))
-        self.in_a_row.copy_(torch.where(finite, 0, self.in_a_row + 1))
-        self.skipped.add_((~finite).int())
-
-    def read_nonfinite(self) -> tuple[int, int]:
-        """(non-finite steps in a row, skipped since this worker started): a host read."""
-        return int(self.in_a_row), int(self.skipped)
 
     def end_step(self) -> None:
         import torch_xla
@@ -281,7 +252,3 @@ class XlaStrategy(Strategy):
         now = compile_count()
         last, self._compiles = self._compiles, now
         return {"perf/xla_compiles": float(now - last)}
-
-
-def _on_device(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "xla"

@@ -183,19 +183,21 @@ def test_tips_train_runs_on_the_cpu_xla_device_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_xla_strategy_skips_a_non_finite_step_on_the_device():
-    """The loop's non-finite check on XLA (orchestrator/train/xla.py XlaStrategy): a NaN loss
+    """The loop's non-finite check on XLA (orchestrator/train/guard.py StepGuard): a NaN loss
     undoes the step's parameter and optimizer updates inside the same graph as a finite
     step (no new compilation, no host read), and device counters count it."""
     pytest.importorskip("torch_xla", reason="needs torch_xla: `make test-xla` (.venv-xla)")
     import torch
 
+    from orchestrator.train.guard import StepGuard
     from orchestrator.train.xla import XlaStrategy, compile_count, xla_device
 
     device = xla_device()
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    strategy = XlaStrategy(model, 1, device, skipped_before=5)
+    strategy = XlaStrategy(model, 1, device)
+    guard = StepGuard(device, skipped_before=5)
     good = torch.randn(8, 4)
     bad = good.clone()
     bad[3, 1] = float("nan")  # a NaN in the data, as a bad record would bring
@@ -204,10 +206,10 @@ def test_xla_strategy_skips_a_non_finite_step_on_the_device():
     def step(nan: bool = False) -> None:
         loss = model(inputs[nan]).square().mean()
         loss.backward()
-        guard = strategy.guard(loss, optimizer)
+        saved = guard.before_update(loss, model, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        strategy.keep_if_finite(guard)
+        guard.keep_if_finite(saved)
         strategy.end_step()
 
     def host() -> tuple[dict, dict]:
@@ -220,13 +222,13 @@ def test_xla_strategy_skips_a_non_finite_step_on_the_device():
     assert all(v.device.type == "cpu" for v in [*params.values(), *moments.values()])
     compiled = compile_count()
     step(nan=True)
-    assert strategy.read_nonfinite() == (1, 6)  # in a row, total (5 before this worker)
+    assert guard.read() == (1, 6)  # in a row, total (5 before this worker)
     nan_params, nan_moments = host()
     for k in params:
         assert torch.equal(nan_params[k], params[k]), k
     for k in moments:
         assert torch.equal(nan_moments[k], moments[k]), k
     step()
-    assert strategy.read_nonfinite() == (0, 6)
+    assert guard.read() == (0, 6)
     assert not torch.equal(host()[0]["weight"], params["weight"])
     assert compile_count() == compiled  # the NaN step and the next one: the same graph

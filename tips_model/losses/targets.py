@@ -106,7 +106,8 @@ def sinkhorn_knopp(
         raise ValueError(f"sinkhorn_knopp n_iterations must be >= 1, got {n_iterations}")
     log_q = teacher_logits.float() / teacher_temp  # [n, K]
     n_local, num_prototypes = log_q.shape
-    log_n_total = all_reduce_(torch.tensor(float(n_local), device=log_q.device)).log()
+    # torch.full: a fill on the device, not a copy from the host that waits for it
+    log_n_total = all_reduce_(torch.full((), float(n_local), device=log_q.device)).log()
     log_k = math.log(num_prototypes)
     # DINOv2's first step (divide by the global sum) cancels in the prototype step and is
     # skipped; every division becomes a log-sum-exp subtraction.

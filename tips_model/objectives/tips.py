@@ -357,8 +357,8 @@ class TipsObjective(Objective):
             weights.append(stacked.shape[0])
         if not terms:
             return glob_cls.sum() * 0.0
-        w = torch.tensor(weights, dtype=torch.float32, device=glob_cls.device)
-        return (torch.stack(terms) * w).sum() / w.sum()  # mean over all (student, teacher) pairs
+        # mean over all (student, teacher) pairs; Python weights: no host-to-device copy
+        return torch.stack([t * n for t, n in zip(terms, weights)]).sum() / sum(weights)
 
     @torch.no_grad()
     def _metrics(self, s: StudentOutput, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
