@@ -144,6 +144,10 @@ class TrainConfig:
     global_batch_size: int = 16384  # [paper] invariant across elastic resizes
     batch_size_per_worker: int = 256  # largest micro-batch a worker runs at once
     precision: str = "bf16"  # bf16 autocast on GPU | fp32 (CPU always runs fp32)
+    # torch.compile the objective's forward + loss and the EMA update (Objective.compile_step,
+    # static shapes: issue 22, item 3); off by default because the first steps then compile
+    # (tens of seconds); the GPU recipes turn it on. Not on XLA, which traces its own graphs.
+    compile: bool = False
     seed: int = 0
     log_every_steps: int = 10  # progress line, TensorBoard, metrics.jsonl (rank 0)
     # Logging intervals in a row with collapsed self-distillation targets (near-uniform or
@@ -555,6 +559,13 @@ def _validate_crops(cfg: TipsConfig, source: str) -> None:
         source,
         "masking.ratio_min <= masking.ratio_max must lie in [0, 1]",
     )
+    cap = getattr(obj, "mim_masked_capacity", None)
+    _require(
+        cap is None or cap >= mk.ratio_max,
+        source,
+        f"objective.mim_masked_capacity={cap} must be >= masking.ratio_max={mk.ratio_max}: a "
+        "crop masked beyond the capacity would lose masked tokens from the iBOT loss",
+    )
 
 
 def _validate_data(cfg: TipsConfig, source: str) -> None:
@@ -619,6 +630,12 @@ def _validate_schedule(cfg: TipsConfig, source: str) -> None:
 
 
 def _validate_run(cfg: TipsConfig, source: str) -> None:
+    _require(
+        not cfg.train.compile or accelerator(cfg.scaling) != "tpu",
+        source,
+        "train.compile=true is torch.compile (CUDA/CPU); on scaling.accelerator=tpu XLA "
+        "compiles the step itself: set train.compile=false",
+    )
     _require(
         cfg.run.num_checkpoints_to_keep >= 1,
         source,

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["make_teacher", "ema_update_", "unwrap"]
+__all__ = ["make_teacher", "ema_update_", "ema_pairs", "ema_apply_", "check_momentum", "unwrap"]
 
 # Path components inserted by wrappers: DDP/FSDP1 ``module``, torch.compile ``_orig_mod``,
 # FSDP1 / activation checkpointing inner modules.
@@ -154,20 +154,52 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         ValueError: If momentum is outside [0, 1], or the parameter/buffer names or shapes of
             teacher and student differ.
     """
+    check_momentum(momentum)
+    ema_apply_(*ema_pairs(teacher, student), momentum)
+
+
+def check_momentum(momentum: float) -> None:
+    """Raise ValueError unless ``0 <= momentum <= 1``."""
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"ema_update_ momentum must be in [0, 1], got {momentum}")
+
+
+EmaPairs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def ema_pairs(teacher: nn.Module, student: nn.Module) -> EmaPairs:
+    """``(teacher params, student params, teacher buffers, student buffers)`` matched by name
+    (``ema_update_``'s pairing and checks), for ``ema_apply_``."""
     teacher, student = unwrap(teacher), unwrap(student)
     t_params, s_params = _matched(
         _named(teacher.named_parameters()), _named(student.named_parameters()), "parameter"
     )
-    if t_params:
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
     t_buffers, s_buffers = _matched(
         _named(teacher.named_buffers()), _named(student.named_buffers()), "buffer"
     )
-    for t, s in zip(t_buffers, s_buffers):
-        t.copy_(s)
+    return t_params, s_params, t_buffers, s_buffers
+
+
+@torch.no_grad()
+def ema_apply_(
+    t_params: list[torch.Tensor],
+    s_params: list[torch.Tensor],
+    t_buffers: list[torch.Tensor],
+    s_buffers: list[torch.Tensor],
+    momentum: float | torch.Tensor,
+) -> None:
+    """The update on matched lists: fused ``_foreach`` ops, no Python branch on values, so
+    ``torch.compile`` makes it one graph (``Objective.compile_step``). Compiled, pass the
+    momentum as a 0-d tensor: a float is a constant of the graph, and each new value of the
+    schedule would compile another one."""
+    if t_params and isinstance(momentum, torch.Tensor):
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))
+    elif t_params:  # eager: no temporary copy of the student
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    if t_buffers:
+        torch._foreach_copy_(t_buffers, s_buffers)
 
 
 def _matched(

@@ -225,6 +225,8 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
     objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
     state, source, optim_state = _restore(cfg, objective, loop_config["run_uri"])
     strategy = _strategy(cfg, objective, device, world_size if distributed else 1)
+    if cfg.train.compile:  # after wrapping: the compiled call runs the DDP/FSDP student
+        objective.compile_step()
     optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
     if optim_state is not None:
         strategy.load_optimizer_state(objective, optimizer, optim_state)

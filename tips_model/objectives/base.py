@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tips_model.ema import check_momentum, ema_apply_, ema_pairs
 from tips_model.registry import OBJECTIVES
 
 
@@ -156,6 +157,41 @@ class Objective(nn.Module):
 
     def update_teacher(self, momentum: float) -> None:
         """EMA update of the teacher side after an optimizer step (no-op without one)."""
+
+    # ``ema_apply_``, or its compiled form after ``compile_step`` (a plain attribute, never
+    # a submodule or state).
+    _ema_apply: Callable[..., None] = staticmethod(ema_apply_)
+    _compiled: bool = False
+
+    @torch.no_grad()
+    def ema_update(self, pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+        """``ema_update_(teacher, student, momentum)`` over ``(teacher, student)`` module pairs
+        in one fused update (compiled after ``compile_step``, the momentum then a tensor)."""
+        check_momentum(momentum)
+        lists: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+        for teacher, student in pairs:
+            for acc, part in zip(lists, ema_pairs(teacher, student)):
+                acc.extend(part)
+        if self._compiled:
+            device = lists[0][0].device if lists[0] else None
+            self._ema_apply(*lists, torch.tensor(momentum, device=device))
+        else:
+            self._ema_apply(*lists, momentum)
+
+    def compile_step(self, backend: str = "inductor") -> None:
+        """``train.compile``: ``torch.compile`` this objective's call (forward + losses, the
+        student's wrapper included) and the EMA update, with static shapes (``dynamic=False``:
+        batch shapes are fixed, and a new shape compiles once more). The first call of each
+        compiles (tens of seconds at ViT-B); tests/tips_model/test_compile.py holds every
+        objective's forward at 0 graph breaks.
+
+        Args:
+            backend: ``torch.compile`` backend; tests use ``"aot_eager"`` (the same graphs,
+                forward and backward, without code generation).
+        """
+        self.compile(dynamic=False, backend=backend)
+        self._ema_apply = torch.compile(ema_apply_, dynamic=False, backend=backend)
+        self._compiled = True
 
     def shard_units(self) -> list[str]:
         """Submodules of ``student`` that a sharding wrapper (FSDP) may make units of their own.

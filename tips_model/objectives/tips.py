@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tips_model.ema import ema_update_, make_teacher
+from tips_model.ema import make_teacher
 from tips_model.heads import DINOHead
 from tips_model.losses import (
     DINOLoss,
@@ -73,6 +73,31 @@ class StudentOutput:
     txt_alt: torch.Tensor  # [B, D]
     txt_syn: torch.Tensor  # [B, D]
     temperature: torch.Tensor  # scalar
+
+
+@dataclass
+class MaskSlots:
+    """``mim_masked_capacity``: S token slots per image, gathered from ``[B*G*N]`` tokens."""
+
+    index: torch.Tensor  # [B*G*S] int64 into the flattened tokens; per image masked ones first
+    valid: torch.Tensor  # [B*G*S] float32, 1 = a masked token, 0 = padding
+    weight: torch.Tensor  # [B*G*S] float32, valid / (masked count of its image), DINOv2's
+    # masks_weight (dinov2/data/collate.py)
+
+
+def mask_slots(masks: torch.Tensor, capacity: float) -> MaskSlots:
+    """The fixed-count selection of ``masks [B*G, N]`` bool: S = max(1, int(capacity * N))
+    slots per image holding its masked tokens in patch order, then padding (unmasked tokens,
+    weight 0). Shapes depend on B*G, N and ``capacity`` only; masked tokens beyond S (never
+    with pipeline masks when capacity >= masking.ratio_max) are left out."""
+    n_img, n = masks.shape
+    s = max(1, int(capacity * n))
+    order = torch.sort(masks.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    order = order[:, :s]  # [B*G,S]
+    valid = masks.gather(1, order).float()
+    count = masks.sum(dim=1, keepdim=True).clamp(min=1).float()  # [B*G,1]
+    offset = torch.arange(n_img, device=masks.device)[:, None] * n
+    return MaskSlots((order + offset).flatten(), valid.flatten(), (valid / count).flatten())
 
 
 class TipsStudent(nn.Module):
@@ -186,18 +211,24 @@ class TipsObjective(Objective):
     def update_teacher(self, momentum: float) -> None:
         if self.teacher is None:
             return
-        for name, t_mod in self.teacher.items():
-            ema_update_(t_mod, getattr(self.student, name), momentum)
+        self.ema_update(
+            [(t_mod, getattr(self.student, name)) for name, t_mod in self.teacher.items()],
+            momentum,
+        )
 
     # ------------------------------------------------------------------ forward
     def _teacher_targets(
-        self, global_imgs: torch.Tensor, temp: float, masks: torch.Tensor | None
+        self,
+        global_imgs: torch.Tensor,
+        temp: float,
+        masks: torch.Tensor | None,
+        slots: MaskSlots | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher probabilities on the unmasked global crops, and their collapse diagnostics
         (``dino/*``, ``ibot/*``: ``tips_model.losses.target_stats``). CLS [B*G,K]; patches
         [n_masked,K] rows ``x[masks]`` for iBOT (``mim_tokens="masked"``: the head, the
         centring and the centre update see only the tokens that are distilled, as in DINOv2)
-        or [B*G,N,K] for iBOT++ (every token is distilled)."""
+        or [B*G,N,K] for iBOT++ (every token is distilled); [B*G*S,K] for the ``slots``."""
         cfg = self.cfg
         with torch.no_grad():
             backbone = self.teacher["vision"] if cfg.teacher == "full_ema" else self.student.vision
@@ -216,6 +247,11 @@ class TipsObjective(Objective):
                 tokens = out.patch_tokens  # [B*G,N,D]
                 if self._fixed_shape_ibot(masks):
                     return cls_probs, *self._fixed_shape_targets(head, tokens, masks, temp, stats)
+                if slots is not None:  # the same targets on the slots, padding weighing 0
+                    tokens = tokens.flatten(0, 1).index_select(0, slots.index)  # [B*G*S,D]
+                    return cls_probs, *self._fixed_shape_targets(
+                        head, tokens, slots.valid, temp, stats
+                    )
                 if cfg.mim_tokens == "masked" and masks is not None:
                     tokens = tokens[masks]  # [n_masked,D]; on every token the 65536-way
                     # head held most of the step's memory (B/14, batch 256: 92 vs 67 GiB)
@@ -239,8 +275,9 @@ class TipsObjective(Objective):
         temp: float,
         stats: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """iBOT's teacher targets on every token ``[B*G,N,K]``; the centre update and the
-        diagnostics weigh the masked tokens 1 and the others 0 (``mim_fixed_shapes``)."""
+        """iBOT's teacher targets on every token ``[B*G,N,K]`` (``mim_fixed_shapes``) or on
+        the gathered slots ``[B*G*S,K]`` (``mim_masked_capacity``); the centre update and the
+        diagnostics weigh the masked tokens 1 and the others 0 (``masks`` of the same rows)."""
         patch_logits = head(tokens).float()  # [B*G,N,K]
         patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
         self.ibot_loss.update_center_fixed_shape(patch_logits, masks)
@@ -262,15 +299,17 @@ class TipsObjective(Objective):
         glob_u8 = batch["global_crops"]  # [B,G,3,H,W]
         b, g = glob_u8.shape[:2]
         global_imgs = images_to_float(glob_u8.flatten(0, 1))  # [B*G,3,H,W]
-        masks = None
+        masks = slots = None
         if cfg.beta > 0:  # bool here once: x[masks] below selects rows, not integer indices
             masks = batch["masks"].flatten(0, 1).flatten(1).bool()  # [B*G,N]
+            if cfg.mim_masked_capacity is not None:
+                slots = mask_slots(masks, cfg.mim_masked_capacity)
         local_imgs = None
         if cfg.alpha > 0 and batch["local_crops"].shape[1] > 0:
             local_imgs = images_to_float(batch["local_crops"].flatten(0, 1))  # [B*M,3,h,w]
         # 2. teacher targets on the unmasked global crops
         cls_probs, patch_probs, target_metrics = self._teacher_targets(
-            global_imgs, step.teacher_temp, masks
+            global_imgs, step.teacher_temp, masks, slots
         )
         # 3. student
         s = self.run_student(global_imgs, masks, local_imgs, batch["alt_ids"], batch["syn_ids"], g)
@@ -294,33 +333,7 @@ class TipsObjective(Objective):
             total = total + cfg.alpha * losses["dino"]
         # 6. MIM on patch tokens
         if cfg.beta > 0 and patch_probs is not None:
-            if cfg.mim_tokens == "all":
-                s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
-                losses["ibot"] = self.ibot_loss.forward_all(
-                    s_patch,
-                    patch_probs,
-                    masks,
-                    masked_weight=cfg.mim_masked_weight,
-                    visible_weight=cfg.mim_visible_weight,
-                )
-            elif self._fixed_shape_ibot(masks):  # the same loss as below, on every token
-                s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
-                losses["ibot"] = self.ibot_loss.forward_all(
-                    s_patch, patch_probs, masks, masked_weight=1.0, visible_weight=0.0
-                )
-            else:
-                s_patch = student.patch_head()(s.glob.patch_tokens[masks])  # [n_masked,K]
-                losses["ibot"] = self.ibot_loss.forward_masked(s_patch, patch_probs, masks)
-            # The loss is a mean over images, counting images without masked tokens as 0
-            # (DINOv2); the mean over the distilled tokens is what compares with log K.
-            with torch.no_grad():
-                ce = soft_cross_entropy(s_patch.detach(), patch_probs, cfg.student_temp)
-                if self._fixed_shape_ibot(masks):
-                    m = masks.to(ce.dtype)
-                    token_loss = (ce * m).sum() / m.sum().clamp(min=1)
-                else:
-                    token_loss = ce.mean() if ce.numel() else ce.sum()
-                token_metrics = {"ibot/token_loss": token_loss}
+            losses["ibot"], token_metrics = self._ibot(student, s, patch_probs, masks, slots)
             total = total + cfg.beta * losses["ibot"]
         if cfg.koleo_weight > 0:
             losses["koleo"] = koleo_loss(s.contrastive.cls_alt.float())
@@ -329,6 +342,52 @@ class TipsObjective(Objective):
         if cfg.beta > 0 and patch_probs is not None:
             metrics.update(token_metrics)
         return ObjectiveOutput(loss=total, losses=losses, metrics=metrics)
+
+    def _ibot(
+        self,
+        student: TipsStudent,
+        s: StudentOutput,
+        patch_probs: torch.Tensor,
+        masks: torch.Tensor | None,
+        slots: MaskSlots | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The iBOT / iBOT++ loss on the student's patch tokens, and its token diagnostics."""
+        cfg = self.cfg
+        if cfg.mim_tokens == "all":
+            s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
+            loss = self.ibot_loss.forward_all(
+                s_patch,
+                patch_probs,
+                masks,
+                masked_weight=cfg.mim_masked_weight,
+                visible_weight=cfg.mim_visible_weight,
+            )
+        elif self._fixed_shape_ibot(masks):  # the same loss as below, on every token
+            s_patch = student.patch_head()(s.glob.patch_tokens)  # [B*G,N,K]
+            loss = self.ibot_loss.forward_all(
+                s_patch, patch_probs, masks, masked_weight=1.0, visible_weight=0.0
+            )
+        elif slots is not None:  # forward_masked's sum, on the slots
+            rows = s.glob.patch_tokens.flatten(0, 1).index_select(0, slots.index)
+            s_patch = student.patch_head()(rows)  # [B*G*S,K]
+            ce = soft_cross_entropy(s_patch, patch_probs, cfg.student_temp)
+            loss = (ce * slots.weight).sum() / masks.shape[0]
+        else:
+            s_patch = student.patch_head()(s.glob.patch_tokens[masks])  # [n_masked,K]
+            loss = self.ibot_loss.forward_masked(s_patch, patch_probs, masks)
+        # The loss is a mean over images, counting images without masked tokens as 0
+        # (DINOv2); the mean over the distilled tokens is what compares with log K.
+        with torch.no_grad():
+            ce = soft_cross_entropy(s_patch.detach(), patch_probs, cfg.student_temp)
+            if self._fixed_shape_ibot(masks) or slots is not None:
+                m = (masks if slots is None else slots.valid).reshape(ce.shape).to(ce.dtype)
+                token_loss = (ce * m).sum() / m.sum().clamp(min=1)
+            else:
+                token_loss = ce.mean() if ce.numel() else ce.sum()
+            token_metrics = {"ibot/token_loss": token_loss}
+            if slots is not None:  # masked tokens beyond the capacity (0 when exact)
+                token_metrics["ibot/dropped_tokens"] = masks.sum().float() - slots.valid.sum()
+        return loss, token_metrics
 
     def _dino(
         self,

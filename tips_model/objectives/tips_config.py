@@ -48,6 +48,14 @@ class TipsObjectiveConfig:
     # the same loss, centre and diagnostics with shapes that do not depend on the masks, so
     # XLA compiles one graph (TPU recipes); the heads then run on every token (more compute)
     mim_fixed_shapes: bool = False
+    # iBOT (mim_tokens="masked") on a fixed number of gathered token slots per image instead of
+    # x[masks]: S = int(capacity * N) slots per global crop, its masked tokens first, the rest
+    # padding of weight 0, so the heads run on B*G*S rows whatever the masks (CUDA graphs,
+    # torch.compile). DINOv2 gathers its masked tokens into an upper bound the same way
+    # (dinov2/data/collate.py "upperbound", dinov2/train/ssl_meta_arch.py). Exact (the x[masks]
+    # loss) when capacity >= masking.ratio_max, which the run config enforces; 0.5 = DINOv2's
+    # ratio max. None: off (x[masks], or every token with mim_fixed_shapes).
+    mim_masked_capacity: float | None = None
     # --- teacher (docs/method.md, "Teacher EMA and schedules") ---
     teacher: str = "full_ema"  # "full_ema" (TIPS) | "head_ema" (TIPSv2 head-only EMA)
 
@@ -70,6 +78,20 @@ class TipsObjectiveConfig:
             raise ValueError(
                 "objective.mim_fixed_shapes=true needs objective.centering=softmax (Sinkhorn "
                 "over the masked tokens only is not written with fixed shapes)"
+            )
+        self._check_capacity()
+
+    def _check_capacity(self) -> None:
+        cap = self.mim_masked_capacity
+        if cap is None:
+            return
+        if not 0.0 < cap <= 1.0:
+            raise ValueError(f"objective.mim_masked_capacity={cap} must be in (0, 1] or null")
+        if self.mim_fixed_shapes or self.mim_tokens != "masked" or self.centering != "softmax":
+            raise ValueError(
+                "objective.mim_masked_capacity needs objective.mim_tokens=masked, "
+                "centering=softmax and mim_fixed_shapes=false (it is the fixed-count iBOT; "
+                "iBOT++ and mim_fixed_shapes already run on every token)"
             )
 
     def loss_terms(self) -> tuple[str, ...]:
