@@ -33,8 +33,9 @@ tensor's value back (``item``, ``tolist``, ``cpu``, ``bool(t)``, ``int(t)``, ``f
 stream sync; ``torch.full`` fills on the device instead). It cannot see syncs inside an op
 (boolean-mask indexing, ``nonzero``: their output size), which ``torch.cuda.
 set_sync_debug_mode`` shows on a GPU. ``benchmarks/gpu_step.py`` can print it as "host
-reads per step"; tests/orchestrator/test_host_syncs.py holds it at 0 for whole training
-steps on the CPU.
+reads per step" (count in steps apart from the timed ones: the counting costs Python time
+per op); tests/orchestrator/test_host_syncs.py holds it at 0 for whole training steps on
+the CPU.
 
     with count_host_reads(ignore=host_tensors(optimizer)) as reads:
         train_step(...)
