@@ -15,7 +15,8 @@ nothing; masks are drawn for a fraction 0.5 of the images with a ratio in [0.1, 
 Randomness is an explicit ``np.random.Generator`` (docs/design.md, "Randomness"); the data
 pipeline seeds one per record so masks are reproducible and resumable. The masked count never
 exceeds the target and may fall short of it when no further rectangle fits (typically by a few
-patches).
+patches). A record therefore has at most ``int(N * ratio_max)`` masked patches: the static
+bound the fixed-count iBOT (``objective.mim_masked_capacity``) relies on.
 """
 
 from __future__ import annotations

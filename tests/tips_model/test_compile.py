@@ -196,3 +196,24 @@ def test_inductor_compiled_tips_step_matches_eager_within_float_tolerance():
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for k in grads:
         torch.testing.assert_close(grads[k], eager_grads[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def _ddp_breaks(rank: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    obj = build("tips")  # gather_negatives: the contrastive all-gather runs on 2 ranks
+    obj.wrap_student(DDP)
+    batch = {k: v for k, v in make_batch(rank).items() if k in obj.required_batch_keys()}
+    explained = torch._dynamo.explain(obj)(batch, STEP)
+    frames = [str(r.user_stack[-1].filename) for r in explained.break_reasons]
+    # Only at DDP's forward, which dynamo skips by design: the student's graph is compiled
+    # on its own and DDPOptimizer splits it at the gradient buckets (all-reduce overlap).
+    assert explained.graph_break_count == 2, breaks(explained)
+    assert all(f.endswith("torch/nn/parallel/distributed.py") for f in frames), frames
+
+
+@pytest.mark.slow
+def test_under_ddp_the_only_breaks_are_at_the_ddp_wrapper(tmp_path):
+    from tests.gloo import run_gloo
+
+    run_gloo(_ddp_breaks, 2, tmp_path)
