@@ -174,7 +174,9 @@ class Objective(nn.Module):
                 acc.extend(part)
         if self._compiled:
             device = lists[0][0].device if lists[0] else None
-            self._ema_apply(*lists, torch.tensor(momentum, device=device))
+            # torch.full fills on the device: torch.tensor(momentum, device=) would copy from
+            # the host and wait for the GPU every step (orchestrator/train/guard.py)
+            self._ema_apply(*lists, torch.full((), momentum, device=device))
         else:
             self._ema_apply(*lists, momentum)
 
