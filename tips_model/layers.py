@@ -14,6 +14,8 @@ its own names and the computation stays the same:
   ``tips_model/objectives/_layers.py``).
 
 All attention goes through ``F.scaled_dot_product_attention`` (one path on CPU and GPU).
+The fused ``qkv`` / ``in_proj`` weight is one parameter projected as three views (q, k, v
+rows), so that backward never stacks activation-sized q/k/v gradients (``Attention._project``).
 timm's ``Attention`` / ``Mlp`` / ``LayerScale`` / ``DropPath`` are not used; why is written in
 docs/design-changes.md (item 11).
 """
@@ -62,7 +64,9 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
             self.proj = nn.Linear(dim, dim)
         elif layout == "in_proj":
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+            # zeros, not uninitialised memory, and no draw from the RNG (the text tower
+            # initialises it, tips_model/text.py)
+            self.in_proj_weight = nn.Parameter(torch.zeros(3 * dim, dim))
             self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
             self.out_proj = nn.Linear(dim, dim)
         else:
@@ -82,10 +86,19 @@ class Attention(nn.Module):
         if context is not None:
             raise ValueError(f"layout {self.layout!r} is self-attention only: no context")
         if self.layout == "qkv":
-            qkv = self.qkv(x)
+            weight, bias = self.qkv.weight, self.qkv.bias
         else:
-            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            weight, bias = self.in_proj_weight, self.in_proj_bias
+        # One [3D, D] parameter, projected as three [D, D] views of it: splitting one fused
+        # output into q, k, v makes backward stack their gradients and copy the stack back
+        # into the output's layout (two passes over 3 activation-sized tensors per block,
+        # ~5 % of the H200 step, README "Performance"); split here, the gradient is
+        # assembled weight-sized instead, and SDPA's gradients are the projections' own.
+        biases = bias.chunk(3) if bias is not None else (None, None, None)
+        q, k, v = [
+            F.linear(x, w, bi).view(b, n, h, hd).transpose(1, 2)
+            for w, bi in zip(weight.chunk(3), biases)
+        ]
         return q, k, v
 
     def forward(

@@ -68,9 +68,50 @@ def test_value_only_is_the_projected_values():
     torch.testing.assert_close(attn(x, value_only=True), attn.proj(v))
 
 
+def _backward_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize("layout", ["qkv", "in_proj"])
+def test_qkv_gradients_are_not_stacked_activation_sized(layout):
+    """q, k, v come from views of the one fused weight: backward splits the weight's
+    gradient (weight-sized), never unbinds one projected output (which stacks the q/k/v
+    gradients and copies them back, activation-sized); the gradients are the fused ones."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, layout)
+    weight, bias = (
+        (attn.qkv.weight, attn.qkv.bias)
+        if layout == "qkv"
+        else (attn.in_proj_weight, attn.in_proj_bias)
+    )
+    with torch.no_grad():
+        weight.normal_(std=0.3)
+        bias.normal_(std=0.1)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    out = attn(x)
+    nodes = _backward_nodes(out)
+    assert "UnbindBackward0" not in nodes and "StackBackward0" not in nodes
+    assert "SplitBackward0" in nodes  # the weight (and bias) split into q, k, v rows
+    grads = torch.autograd.grad(out.square().sum(), [x, weight, bias])
+    # the fused computation: one projection unbound into q, k, v
+    qkv = F.linear(x, weight, bias).reshape(3, 7, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    ref = F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(3, 7, 16)
+    proj = attn.proj if layout == "qkv" else attn.out_proj
+    ref_grads = torch.autograd.grad(proj(ref).square().sum(), [x, weight, bias])
+    torch.testing.assert_close(grads, ref_grads)
+
+
 def test_key_padding_mask_and_context():
     torch.manual_seed(0)
     attn = Attention(8, 2, "in_proj").eval()
+    nn.init.normal_(attn.in_proj_weight, std=0.5)  # the text tower's init is not run here
     x = torch.randn(1, 4, 8)
     keep = torch.tensor([True, True, False, False])[None, None, None, :]
     # masked keys do not matter: changing them leaves the output of real positions alone
