@@ -144,6 +144,13 @@ class TrainConfig:
     global_batch_size: int = 16384  # [paper] invariant across elastic resizes
     batch_size_per_worker: int = 256  # largest micro-batch a worker runs at once
     precision: str = "bf16"  # bf16 autocast on GPU | fp32 (CPU always runs fp32)
+    # How bf16 reaches the weights on CUDA (orchestrator/train/parallel.py): autocast casts
+    # every fp32 weight at each use; fsdp_params keeps bf16 compute copies of fp32 master
+    # weights through FSDP2's MixedPrecisionPolicy, on any world size (one GPU: a mesh of
+    # one; scaling.strategy=ddp: FSDP2 without resharding after forward). autocast is the
+    # default because it is what the README's H200 step measured; fsdp_params removes the
+    # per-weight casts that profile showed (issue 22, item 4) and awaits its GPU measurement.
+    mixed_precision: str = "autocast"  # autocast | fsdp_params
     # torch.compile the objective's forward + loss and the EMA update (Objective.compile_step,
     # static shapes: issue 22, item 3); off by default because the first steps then compile
     # (tens of seconds); the GPU recipes turn it on. Not on XLA, which traces its own graphs.
@@ -238,6 +245,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "teacher.momentum_schedule": ("cosine", "linear", "constant"),
     "train.precision": ("bf16", "fp32"),
+    "train.mixed_precision": ("autocast", "fsdp_params"),
     "scaling.strategy": ("ddp", "fsdp", "none"),
     "scaling.accelerator": ("auto", "cpu", "gpu", "tpu"),
     "scaling.pjrt_device": ("TPU", "CPU"),
@@ -630,6 +638,14 @@ def _validate_schedule(cfg: TipsConfig, source: str) -> None:
 
 
 def _validate_run(cfg: TipsConfig, source: str) -> None:
+    _require(
+        cfg.train.mixed_precision != "fsdp_params"
+        or (cfg.scaling.strategy != "none" and accelerator(cfg.scaling) != "tpu"),
+        source,
+        "train.mixed_precision=fsdp_params wraps the model in FSDP2: it needs "
+        f"scaling.strategy ddp or fsdp (not {cfg.scaling.strategy}) and a CUDA/CPU "
+        "accelerator (XLA casts in its own graph)",
+    )
     _require(
         not cfg.train.compile or accelerator(cfg.scaling) != "tpu",
         source,
