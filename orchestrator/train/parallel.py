@@ -27,6 +27,12 @@
   Periodic evaluation runs on every rank (a unit's forward is a collective); the towers'
   extra forwards (``forward_value_only_last``, ``get_intermediate_layers``) are registered
   with FSDP.
+* ``train.mixed_precision=fsdp_params``: FSDP2 as above whatever the strategy and world size
+  (a world of one shards over a mesh of one, in a process group of one where Ray Train's
+  local mode has none; ``ddp`` keeps the units gathered from forward to backward, as DDP's
+  replicas are), so that on CUDA the forward runs on FSDP2's bf16 copies of the fp32 master
+  weights, made once per unit per step in its all-gather, instead of autocast casting every
+  weight at every use; the optimizer and the checkpoints see only the fp32 shards.
 
 Checkpoints keep one format whatever the strategy: ``model.pt`` = the unsharded
 ``objective.state_dict()``, ``optim.pt`` = ``optimizer.state_dict()`` (integer parameter ids).
@@ -131,7 +137,9 @@ class FsdpStrategy(Strategy):
     name = "fsdp"
     collective_eval = True
 
-    def __init__(self, objective: Objective, mesh: Any, mp_policy: Any = None) -> None:
+    def __init__(
+        self, objective: Objective, mesh: Any, mp_policy: Any = None, reshard: bool = True
+    ) -> None:
         from torch.distributed.fsdp import (
             MixedPrecisionPolicy,
             fully_shard,
@@ -150,8 +158,8 @@ class FsdpStrategy(Strategy):
         )
         names = objective.shard_units()
         for name in names:
-            fully_shard(student.get_submodule(name), reshard_after_forward=True, **kw)
-        fully_shard(student, **kw)
+            fully_shard(student.get_submodule(name), reshard_after_forward=reshard, **kw)
+        fully_shard(student, reshard_after_forward=reshard, **kw)
         teacher_roots = _shard_teacher(objective.teacher, names, kw)
         for module in (student, *teacher_roots):
             module._get_fsdp_state()._lazy_init()  # see the module docstring
@@ -287,22 +295,51 @@ def _ids_to_names(state: dict, objective: nn.Module, optimizer: torch.optim.Opti
 def wrap_for_distributed(
     objective: Objective, cfg: TipsConfig, device: torch.device, world_size: int
 ) -> Strategy:
-    """Wrap or shard ``objective`` for ``cfg.scaling.strategy``; call before the optimizer."""
+    """Wrap or shard ``objective`` for ``cfg.scaling.strategy``; call before the optimizer.
+
+    ``train.mixed_precision=fsdp_params`` always shards with FSDP2 (a world of one gets a
+    mesh of one), for its bf16 compute copies; ``scaling.strategy=ddp`` then keeps the
+    parameters gathered from forward to backward as DDP's replicas are."""
+    fsdp_params = cfg.train.mixed_precision == "fsdp_params"
     distributed = dist.is_available() and dist.is_initialized() and world_size > 1
-    if not distributed or cfg.scaling.strategy == "none":
+    if not fsdp_params and (not distributed or cfg.scaling.strategy == "none"):
         return Strategy()
-    if cfg.scaling.strategy == "ddp":
+    if not fsdp_params and cfg.scaling.strategy == "ddp":
         return DdpStrategy(objective)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if fsdp_params and not dist.is_initialized():
+        _group_of_one(device, world_size)
     mesh = init_device_mesh(device.type, (world_size,))
-    mp = MixedPrecisionPolicy()
-    if device.type == "cuda" and cfg.train.precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # FSDP2 warns once per tower that the EncoderOutput fields are views; safe here: no code
     # modifies an encoder output in place (the gloo test compares gradients to one process).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    return FsdpStrategy(objective, mesh, mp)
+    reshard = cfg.scaling.strategy == "fsdp" and world_size > 1  # else nothing to save
+    return FsdpStrategy(objective, mesh, mixed_precision_policy(cfg, device), reshard)
+
+
+def mixed_precision_policy(cfg: TipsConfig, device: torch.device) -> Any:
+    """FSDP2's policy: where the loop runs bf16 (CUDA), bf16 parameters in compute (fp32
+    master weights stay in the shards the optimizer updates) and fp32 gradient reduction;
+    elsewhere (the CPU runs fp32) none. Under bf16 autocast the weights then need no cast:
+    autocast returns a tensor already of its dtype as it is, and still runs what it keeps in
+    fp32 (softmax, norms, losses) in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type == "cuda" and cfg.train.precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _group_of_one(device: torch.device, world_size: int) -> None:
+    """The default process group for a single process without one (Ray Train's local
+    mode): FSDP2's mesh needs a group, even of one."""
+    if world_size != 1:
+        raise RuntimeError(
+            f"train.mixed_precision=fsdp_params: world size {world_size} without a "
+            "torch.distributed process group"
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

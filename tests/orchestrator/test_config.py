@@ -85,6 +85,16 @@ def test_unknown_strategy_is_refused_with_its_key():
         load(TINY, [*DATA, "scaling.strategy=fsdp1"])
 
 
+def test_fsdp_params_mixed_precision_needs_a_sharding_strategy():
+    cfg = load(TINY, [*DATA, "scaling.strategy=ddp", "train.mixed_precision=fsdp_params"])
+    assert cfg.train.mixed_precision == "fsdp_params"
+    assert load(TINY, DATA).train.mixed_precision == "autocast"  # the default
+    with pytest.raises(ConfigError, match=r"mixed_precision=fsdp_params .*not none"):
+        load(TINY, [*DATA, "scaling.strategy=none", "train.mixed_precision=fsdp_params"])
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision='bf16': must be one of"):
+        load(TINY, [*DATA, "train.mixed_precision=bf16"])
+
+
 def test_unregistered_objective_and_encoder_are_refused():
     with pytest.raises(ConfigError, match=r"objective\.name='clipp'.*registered"):
         load(TINY, [*DATA, "objective.name=clipp"])

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from orchestrator.train.optim import build_optimizer
+from orchestrator.train.parallel import mixed_precision_policy
 from tests.gloo import run_gloo
 from tests.tips_model import test_cloc, test_mug
 from tips_model.objectives import (
@@ -95,7 +96,7 @@ def _cfg(case: dict) -> SimpleNamespace:
     return SimpleNamespace(
         optim=optim,
         scaling=SimpleNamespace(strategy="fsdp"),
-        train=SimpleNamespace(precision="fp32"),
+        train=SimpleNamespace(precision="fp32", mixed_precision="autocast"),
     )
 
 
@@ -254,3 +255,117 @@ def test_other_objectives_train_evaluate_and_gather_under_fsdp(fsdp_runs: Path, 
     assert list(ranks[0]["model"]) == list(fresh) and ranks[1]["model"] is None
     moved = [k for k, v in fresh.items() if not torch.equal(ranks[0]["model"][k], v)]
     assert moved  # the step reached the gathered state
+
+
+# --------------------------------------------- train.mixed_precision=fsdp_params, a world of 1
+
+BF16_STEPS = 4
+
+
+def _fsdp_params_worker(rank: int, out_dir: str) -> None:
+    """On a world of one: (a) ``fsdp_params`` on the CPU (fp32) under ``scaling.strategy=ddp``
+    shards with FSDP2 on a mesh of one and trains as one plain process; (b) the bf16 policy
+    (CUDA's) under CPU bf16 autocast trains with fp32 master weights and bf16 compute."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, init_device_mesh
+
+    from orchestrator.train.parallel import (
+        FsdpStrategy,
+        mixed_precision_policy,
+        wrap_for_distributed,
+    )
+
+    case = CASES["tipsv2_head_ema"]  # Adafactor: its grouped step on DTensors of a mesh of one
+    cfg = _cfg(case)
+    cfg.scaling.strategy, cfg.train.mixed_precision = "ddp", "fsdp_params"
+    objective = _build(case)
+    strategy = wrap_for_distributed(objective, cfg, torch.device("cpu"), 1)
+    wrapped = isinstance(strategy, FsdpStrategy) and isinstance(objective.student, FSDPModule)
+    optimizer = build_optimizer(objective, cfg)
+    fp32 = [_train_step(objective, optimizer, strategy, s, case["accum"], 0) for s in range(2)]
+    fp32_model, _ = strategy.full_state_dicts(objective, optimizer, rank)
+
+    cfg.train.precision = "bf16"
+    policy = mixed_precision_policy(cfg, torch.device("cuda"))  # what CUDA gets (no CUDA used)
+    objective = _build(case)
+    strategy = FsdpStrategy(objective, init_device_mesh("cpu", (1,)), policy, reshard=False)
+    optimizer = build_optimizer(objective, cfg)
+    seen: list[torch.dtype] = []
+    block = objective.student.vision.blocks[0]
+    block.attn.qkv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    grads: set[str] = set()  # what the optimizer steps on (grads are dropped after)
+    optimizer.register_step_pre_hook(
+        lambda opt, *_: grads.update(str(p.grad.dtype) for p in _with_grad(opt))
+    )
+    losses = []
+    for _ in range(BF16_STEPS):  # one batch again and again: the loss must fall
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(_train_step(objective, optimizer, strategy, 0, 1, 0)[0])
+    params = list(objective.student.parameters())
+    result = {
+        "wrapped": wrapped,
+        "fp32_steps": fp32,
+        "fp32_model": fp32_model,
+        "bf16_losses": losses,
+        "forward_dtypes": sorted({str(d) for d in seen}),
+        "master_dtypes": sorted({str(p.dtype) for p in params}),
+        "sharded": all(isinstance(p, DTensor) for p in params if p.ndim > 0),
+        "grad_dtypes": sorted(grads),
+        "bf16_model": strategy.full_state_dicts(objective, optimizer, rank)[0],
+    }
+    torch.save(result, Path(out_dir) / "fsdp_params.pt")
+
+
+def _with_grad(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+@pytest.fixture(scope="module")
+def fsdp_params_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp_params")
+    run_gloo(_fsdp_params_worker, 1, out, str(out))
+    return torch.load(out / "fsdp_params.pt", weights_only=True)
+
+
+def test_fsdp_params_shards_a_world_of_one_and_trains_as_one_process(fsdp_params_run: dict):
+    case = CASES["tipsv2_head_ema"]
+    assert fsdp_params_run["wrapped"]  # FSDP2 although the strategy says ddp, on one rank
+    objective = _build(case)
+    optimizer = build_optimizer(objective, _cfg(case))
+    ref = [_train_step(objective, optimizer, None, s, case["accum"], 0) for s in range(2)]
+    for (loss, norm), (ref_loss, ref_norm) in zip(fsdp_params_run["fp32_steps"], ref):
+        assert loss == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)
+        assert norm == pytest.approx(ref_norm, rel=RTOL)
+    model = fsdp_params_run["fp32_model"]
+    assert list(model) == list(objective.state_dict())
+    torch.testing.assert_close(model, objective.state_dict(), atol=ATOL, rtol=RTOL)
+
+
+def test_bf16_params_policy_trains_with_fp32_master_weights(fsdp_params_run: dict, tmp_path):
+    r = fsdp_params_run
+    losses = r["bf16_losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert r["forward_dtypes"] == ["torch.bfloat16"]  # the forward ran on bf16 copies
+    assert r["master_dtypes"] == ["torch.float32"] and r["sharded"]  # the optimizer's
+    assert r["grad_dtypes"] == ["torch.float32"]  # reduced in fp32 onto the fp32 shards
+    model = r["bf16_model"]
+    floats = [k for k, v in model.items() if v.is_floating_point()]
+    assert floats and all(model[k].dtype == torch.float32 for k in floats)
+    torch.save(model, tmp_path / "model.pt")  # model.pt keeps the fp32 weights and loads
+    fresh = _build(CASES["tipsv2_head_ema"])
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    moved = fresh.student.vision.blocks[0].attn.qkv.weight
+    assert moved.dtype == torch.float32
+    assert not torch.equal(
+        moved, _build(CASES["tipsv2_head_ema"]).student.vision.blocks[0].attn.qkv.weight
+    )
+
+
+def test_mixed_precision_policy_is_bf16_only_where_the_loop_runs_bf16():
+    cfg = SimpleNamespace(train=SimpleNamespace(precision="bf16"))
+    cuda = mixed_precision_policy(cfg, torch.device("cuda"))
+    assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
+    cpu = mixed_precision_policy(cfg, torch.device("cpu"))  # the CPU runs fp32
+    assert cpu.param_dtype is None and cpu.reduce_dtype is None
+    cfg.train.precision = "fp32"
+    assert mixed_precision_policy(cfg, torch.device("cuda")).param_dtype is None
