@@ -196,6 +196,13 @@ class ScalingSection:
     pjrt_device: str = "TPU"  # tpu only: TPU, or CPU (the CPU XLA device standing in: tests)
     placement_strategy: str = "PACK"
     resize_check_interval_s: float = 60.0  # how often an elastic run looks for more capacity
+    # Elastic runs (min_workers < max_workers) only: how long a new worker group waits for
+    # its placement group before the controller decides the size again. Ray's default
+    # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) is 60 s; a restart right after a node loss can
+    # still count the lost node, ask for a size that cannot be placed and lose the whole
+    # timeout (docs/ray.md, "Recovery time"). Placing on live nodes took < 0.1 s
+    # (benchmarks/elastic_recovery.py). RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, when set, wins.
+    worker_group_start_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -615,6 +622,11 @@ def _validate_schedule(cfg: TipsConfig, source: str) -> None:
         s.min_workers > 0 or s.max_workers == 0,
         source,
         "scaling.min_workers=0 is only allowed with max_workers=0 (Ray Train local mode)",
+    )
+    _require(
+        s.worker_group_start_timeout_s > 0,
+        source,
+        f"scaling.worker_group_start_timeout_s={s.worker_group_start_timeout_s} must be > 0",
     )
     _require(
         t.global_batch_size >= max(1, s.max_workers),

@@ -21,6 +21,13 @@ Private APIs used, and why there is no public one (Ray 2.60.0):
 * ``ray._private.services.canonicalize_bootstrap_address_or_die``: turns None / ``auto`` /
   ``RAY_ADDRESS`` / the node's ``--temp-dir`` into the GCS address, as ``ray start`` and
   ``ray.init`` do; public code only resolves addresses inside ``ray.init``.
+* ``ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator``: the
+  ``AutoscalingCoordinator`` actor (name and namespace ``AutoscalingCoordinator``), whose
+  view of the cluster's nodes Ray Train's elastic scaling policy sizes every (re)start from,
+  refreshes that view only every ``_AutoscalingCoordinatorActor.TICK_INTERVAL_S`` (20 s);
+  ``get_reserved_resources(requester_id, recompute=True)`` refreshes it at once. The train
+  driver calls it when a node dies or joins (orchestrator/train/driver.py ``NodeWatch``), so
+  a restart does not size itself from a node that is already gone. No public API reaches it.
 * ``ray.core.generated.gcs_pb2.GcsNodeInfo`` (``GcsNodeState.ALIVE`` / ``DEAD``, fields
   ``node_id``, ``node_manager_address``, ``temp_dir``, ``state``, ``labels``) and
   ``ray.core.generated.autoscaler_pb2.DrainNodeReason`` (``DRAIN_NODE_REASON_PREEMPTION``):
@@ -38,6 +45,9 @@ from typing import Any
 RAY_VERSION_CHECKED = "2.60.0"
 PREEMPTION_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 
+COORDINATOR_MODULE = "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"
+COORDINATOR_ACTOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # name, namespace
+
 # (module, attribute path) of every private symbol used below; tests/test_ray_compat.py
 # imports each and checks what this module calls on it.
 PRIVATE_APIS: tuple[tuple[str, str], ...] = (
@@ -48,6 +58,8 @@ PRIVATE_APIS: tuple[tuple[str, str], ...] = (
     ("ray._private.services", "canonicalize_bootstrap_address_or_die"),
     ("ray.core.generated.gcs_pb2", "GcsNodeInfo.GcsNodeState"),
     ("ray.core.generated.autoscaler_pb2", "DrainNodeReason"),
+    (COORDINATOR_MODULE, "_AutoscalingCoordinatorActor.get_reserved_resources"),
+    (COORDINATOR_MODULE, "get_or_create_autoscaling_coordinator"),
 )
 
 
@@ -117,3 +129,20 @@ def drain_node_for_preemption(
 def draining_nodes(gcs: Any, *, timeout_s: float = 10) -> dict[str, int]:
     """Hex id -> drain deadline (epoch ms, 0 = none) of every node being drained."""
     return dict(gcs.get_draining_nodes(timeout=timeout_s))
+
+
+def refresh_autoscaling_coordinator(timeout_s: float = 10) -> bool:
+    """Make Ray's ``AutoscalingCoordinator`` re-read the cluster's nodes and reservations now
+    (from a connected driver). False when the actor does not exist yet: it reads the nodes
+    when it starts."""
+    import ray
+
+    try:
+        actor = ray.get_actor(COORDINATOR_ACTOR[0], namespace=COORDINATOR_ACTOR[1])
+    except ValueError:
+        return False
+    # any requester id: the refresh happens before the id is looked up
+    ray.get(
+        actor.get_reserved_resources.remote("tips-node-watch", recompute=True), timeout=timeout_s
+    )
+    return True

@@ -62,6 +62,11 @@ def test_each_private_api_still_exists(module, attr):
         ),
         ("ray._raylet", "InnerGcsClient.get_draining_nodes", ["self", "timeout"]),
         ("ray._private.services", "canonicalize_bootstrap_address_or_die", ["addr", "temp_dir"]),
+        (
+            ray_compat.COORDINATOR_MODULE,
+            "_AutoscalingCoordinatorActor.get_reserved_resources",
+            ["self", "requester_id", "recompute"],
+        ),
     ],
 )
 def test_private_functions_take_the_parameters_ray_compat_passes(module, attr, expected):
@@ -70,6 +75,14 @@ def test_private_functions_take_the_parameters_ray_compat_passes(module, attr, e
     assert not missing, f"{module}.{attr} lost parameters {missing} {CHECKED}; has {params}"
     positional = [p for p in params if p in expected]
     assert positional == expected, f"{module}.{attr} reordered its parameters {CHECKED}"
+
+
+def test_autoscaling_coordinator_actor_has_the_name_ray_compat_looks_up():
+    source = inspect.getsource(
+        _resolve(ray_compat.COORDINATOR_MODULE, "get_or_create_autoscaling_coordinator")
+    )
+    name, namespace = ray_compat.COORDINATOR_ACTOR
+    assert f'name="{name}"' in source and f'namespace="{namespace}"' in source, CHECKED
 
 
 def test_gcs_client_wraps_the_inner_client():

@@ -15,7 +15,8 @@ processes of this cluster, found by their recorded ids and their temp dir; never
 
 ``preempt`` does what an EC2 spot interruption does with the spot watcher on the node: drain
 the node with reason PREEMPTION and a deadline, wait for the deadline (or for the node to
-finish draining), then take the node away.
+finish draining), then take the node away (its processes killed, as the cloud takes the
+machine: no second, graceful drain) and return once the GCS has declared it dead.
 
 A node spec is ``key=value`` pairs joined by commas: ``cpus`` (default 1), ``gpus`` (logical,
 default 0), ``object_store_mb`` (default 128), ``count`` (copies, default 1),
@@ -48,6 +49,26 @@ HEAD_PORTS = ("gcs", "dashboard", "client_server")
 WORKER_PORTS_PER_NODE = 64
 START_TIMEOUT_S = 90.0
 START_ATTEMPTS = 2
+# How fast the GCS declares a node dead, set on the head (the GCS reads ``RAY_<name>`` from
+# its environment; a value already in the environment wins). Ray 2.60's defaults
+# (src/ray/common/ray_config_def.h): a health check of every raylet each 3000 ms, 10000 ms
+# timeout, dead after 5 failures in a row, so a killed node stays alive in the GCS for ~15 s
+# and an elastic restart in that window still counts its resources (docs/ray.md, "Recovery
+# time"). With these a crashed raylet (its port refuses) is dead after ~3 s, a vanished host
+# after 3 x (5 + 1) s, and a live raylet only after three 5 s checks in a row went
+# unanswered. The cluster files under cluster/ set the same values.
+HEALTH_CHECK_ENV = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "5000",
+    "RAY_health_check_failure_threshold": "3",
+}
+# Every node keeps an idle Python worker (its imports done: torch, the pipeline) for 60 s
+# instead of Ray's 1000 ms (``idle_worker_killing_time_threshold_ms``; idle workers beyond
+# ``num_workers_soft_limit``, the node's CPUs, are killed after it). These nodes have 1-2 CPUs
+# and run 0.25-CPU data tasks, so after a restart the new stream's tasks all started in new
+# processes, each paying ``import torch`` before its first block (docs/ray.md, "Recovery
+# time"); a node of a real cluster keeps as many idle workers as it has CPUs anyway.
+NODE_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
 class ClusterError(RuntimeError):
@@ -273,6 +294,7 @@ class LocalCluster:
         env.setdefault("RAY_AUTH_MODE", "disabled")
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = str(self.drain_timeout_s)
+        env = NODE_ENV | (HEALTH_CHECK_ENV if name == "head" else {}) | env
         log = open(self.root / f"{name}.log", "ab")  # the child keeps its own descriptor
         proc = subprocess.Popen(
             self._command(node, dashboard),
@@ -374,7 +396,10 @@ class LocalCluster:
         raylet_gone = time.monotonic() + deadline_s
         while time.monotonic() < raylet_gone and not self._node_dead(node):
             time.sleep(0.5)
-        self.stop_node(name)
+        self.stop_node(name, grace_s=0)
+        declared = time.monotonic() + 60
+        while not self._node_dead(node) and time.monotonic() < declared:
+            time.sleep(0.2)
 
     def _node_dead(self, node: LocalNode) -> bool:
         nodes = ray_compat.gcs_nodes(ray_compat.gcs_client(self.address), timeout_s=5)

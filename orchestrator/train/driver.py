@@ -14,13 +14,19 @@
   of this run, so the new stream starts where the checkpoint left off
   (docs/design.md, "Checkpoints").
 * Paths are made absolute before they cross into workers (workers chdir into a run dir).
+* Recovery from a lost node (docs/ray.md, "Recovery time"): an elastic run's worker-group
+  start timeout is ``scaling.worker_group_start_timeout_s`` (``train_env``), and while it
+  trains ``NodeWatch`` makes Ray's autoscaling coordinator re-read the nodes as soon as one
+  dies or joins, so the restart is sized from the nodes that are there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator import config as config_lib
+from orchestrator import ray_compat
 from orchestrator.train import state as ckpt
 
 logger = logging.getLogger(__name__)
@@ -113,6 +120,58 @@ class TrainDatasetFactory:
         )
 
 
+def train_env(cfg: config_lib.TipsConfig) -> dict[str, str]:
+    """Ray Train settings that have no ``ScalingConfig`` field, as the environment variables
+    Ray reads (the trainer passes them from the driver to the controller and the workers).
+
+    Elastic runs get ``scaling.worker_group_start_timeout_s`` as the worker-group start
+    timeout; fixed-size runs keep Ray's 60 s: their restart can only wait for a replacement
+    node, and a shorter timeout would just start the same wait again."""
+    s = cfg.scaling
+    if s.min_workers == s.max_workers:
+        return {}
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{s.worker_group_start_timeout_s:g}"}
+
+
+class NodeWatch:
+    """While an elastic run trains: polls the GCS's node table (``ray.nodes()``) every
+    ``interval_s`` and, when a node dies or joins, makes Ray's autoscaling coordinator
+    re-read the nodes at once (``ray_compat.refresh_autoscaling_coordinator``). The
+    coordinator otherwise refreshes every 20 s, and Ray Train sizes each restart from it:
+    a restart in that window asked for the lost node's workers too and waited out the
+    worker-group start timeout before it started with the workers that fit."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.refreshes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tips-node-watch", daemon=True)
+
+    @staticmethod
+    def alive_nodes() -> frozenset[str]:
+        return frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+    def _run(self) -> None:
+        seen = self.alive_nodes()
+        while not self._stop.wait(self.interval_s):
+            try:
+                now = self.alive_nodes()
+                if now != seen and ray_compat.refresh_autoscaling_coordinator():
+                    self.refreshes += 1
+                    logger.info("nodes changed (%d -> %d alive)", len(seen), len(now))
+                seen = now
+            except Exception as e:  # noqa: BLE001 (a slow GCS or actor: try again next time)
+                logger.debug("node watch: %s", e)
+
+    def __enter__(self) -> NodeWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def backend_config(cfg: config_lib.TipsConfig) -> TorchConfig:
     """The Ray Train backend for ``scaling.accelerator``: torch_xla's (orchestrator/train/
     xla.py) for tpu, torch's default (gloo on CPU, NCCL on GPU) for cpu and gpu."""
@@ -193,6 +252,8 @@ def build_trainer(
     except ValueError as e:
         raise PreflightError(str(e)) from None
     DataContext.get_current().enable_progress_bars = False
+    for key, value in train_env(cfg).items():
+        os.environ.setdefault(key, value)  # read when fit() starts the controller
     execution = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         train_loop_per_worker,
@@ -370,7 +431,9 @@ def fit(cfg: config_lib.TipsConfig, *, name: str | None = None) -> ray.train.Res
     preflight(cfg, name)
     init_ray(cfg.run.ray_log_level)
     trainer = build_trainer(cfg, name=name)
-    return trainer.fit()
+    elastic = cfg.scaling.min_workers < cfg.scaling.max_workers
+    with NodeWatch() if elastic else contextlib.nullcontext():
+        return trainer.fit()
 
 
 def init_ray(ray_log_level: str = "warning", **kwargs: Any) -> None:
