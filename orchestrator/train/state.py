@@ -200,20 +200,25 @@ def checkpoint_problem(ckpt_uri: str, storage: Any | None = None) -> str | None:
     Checks what a crash during a write leaves behind, cheaply enough to run on the driver
     and on every worker: every file present, ``train_state.json`` valid JSON with a step,
     ``model.pt`` and ``optim.pt`` whole torch archives (a zip whose central directory, at
-    the end of the file, is readable: a truncated file has none).
+    the end of the file, is readable: a truncated file has none). A sharded checkpoint (DCP's
+    ``.metadata``, no ``model.pt``): ``checkpoint.sharded_problem`` (every shard file the
+    metadata names there and long enough) and the same train state check.
     """
+    from orchestrator.train.checkpoint import is_sharded, sharded_problem
+
     fs, path = filesystem(ckpt_uri, storage)
+    full = fs.get_file_info(f"{path}/model.pt").type == pafs.FileType.File
+    if not full and is_sharded(ckpt_uri, storage):
+        return sharded_problem(ckpt_uri, storage) or _train_state_problem(ckpt_uri, storage)
     for name in CHECKPOINT_FILES:
         info = fs.get_file_info(f"{path}/{name}")
         if info.type != pafs.FileType.File:
             return f"{name}: missing (incomplete checkpoint)"
         if info.size == 0:
             return f"{name}: empty"
-    try:
-        raw = json.loads(read_text(join_uri(ckpt_uri, "train_state.json"), storage))
-        int(raw["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        return f"train_state.json: not a valid train state ({type(e).__name__}: {e})"
+    problem = _train_state_problem(ckpt_uri, storage)
+    if problem:
+        return problem
     for name in ("model.pt", "optim.pt"):
         try:
             with fs.open_input_file(f"{path}/{name}") as f, zipfile.ZipFile(f) as z:
@@ -221,6 +226,15 @@ def checkpoint_problem(ckpt_uri: str, storage: Any | None = None) -> str | None:
                     return f"{name}: an empty archive"
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             return f"{name}: not a whole torch file, truncated or corrupt ({e})"
+    return None
+
+
+def _train_state_problem(ckpt_uri: str, storage: Any | None) -> str | None:
+    try:
+        raw = json.loads(read_text(join_uri(ckpt_uri, "train_state.json"), storage))
+        int(raw["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"train_state.json: not a valid train state ({type(e).__name__}: {e})"
     return None
 
 

@@ -1,0 +1,303 @@
+"""Sharded (DCP) checkpoints: exact round trips, resharding, incomplete writes, S3, export.
+
+* world of one: save, load into a fresh objective and optimizer, every tensor equal;
+* a damaged or unfinished checkpoint (no ``.metadata``, a missing or short shard file, no
+  ``train_state.json``) is refused by name and ``newest_checkpoint`` takes the previous one;
+* an asynchronous save whose process is SIGKILLed while the shards are being written leaves
+  the previous checkpoint as the newest complete one, and it loads;
+* S3 through the moto server: the same files, found and loaded there;
+* ``tips export``: a sharded checkpoint to today's single-file layout (model.pt, optim.pt);
+* slow: written by 2 FSDP ranks (gloo; synchronously and asynchronously), loaded on 1 process
+  and on 3 FSDP ranks, student, EMA teacher, centres and Adafactor state equal exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from orchestrator.train import state as ckpt
+from orchestrator.train.checkpoint import (
+    ShardedCheckpointer,
+    load_sharded,
+    read_full_state,
+    sharded_problem,
+)
+from orchestrator.train.optim import build_optimizer
+from orchestrator.train.state import TrainState
+from tests.gloo import run_gloo
+from tips_model.objectives import ModelConfig, StepState, TipsObjectiveConfig, build_objective
+
+VOCAB = 100
+HEAD = dict(head_out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, separate_ibot_head=True)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _objective() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_objective(
+        TipsObjectiveConfig(**HEAD),
+        ModelConfig(vision="vit_test", text="text_test", max_text_len=16),
+        vocab_size=VOCAB,
+    )
+
+
+def _cfg(strategy: str = "fsdp") -> SimpleNamespace:
+    optim = SimpleNamespace(name="adafactor", lr=1e-2, weight_decay=0.04, betas=[0.9, 0.999])
+    return SimpleNamespace(
+        optim=optim,
+        scaling=SimpleNamespace(strategy=strategy),
+        train=SimpleNamespace(precision="fp32", mixed_precision="autocast"),
+    )
+
+
+def _batch(step: int, rows: slice) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(1, VOCAB, (4, 16), generator=g)
+    batch = {
+        "global_crops": torch.randint(0, 256, (4, 1, 3, 32, 32), generator=g, dtype=torch.uint8),
+        "local_crops": torch.randint(0, 256, (4, 2, 3, 16, 16), generator=g, dtype=torch.uint8),
+        "masks": torch.rand(4, 1, 4, 4, generator=g) < 0.3,
+        "alt_ids": ids,
+        "syn_ids": torch.roll(ids, 1, dims=1),
+    }
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _train(objective, optimizer, strategy, steps: int, rows: slice) -> None:
+    """A few optimizer steps (student, Adafactor state, EMA teacher and centres all move)."""
+    for step in range(steps):
+        out = objective(_batch(step, rows), StepState(step, teacher_temp=0.05))
+        out.loss.backward()
+        if strategy is not None:
+            strategy.finish_grads()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.update_teacher(0.9)
+
+
+def _trained(steps: int = 2):
+    objective = _objective()
+    optimizer = build_optimizer(objective, _cfg("none"))
+    _train(objective, optimizer, None, steps, slice(0, 4))
+    return objective, optimizer
+
+
+def _assert_equal(a: dict, b: dict, where: str) -> None:
+    """Nested dicts/lists of tensors and plain values equal exactly."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys differ {set(a) ^ set(b)}"
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a.cpu(), torch.as_tensor(b).cpu()), where
+    else:
+        assert a == b, where
+
+
+def _named_optim(objective, optimizer) -> dict:
+    """``optimizer.state_dict()`` keyed by parameter names (comparable across processes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        objective, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def _save(run: Path | str, objective, optimizer, step: int, storage=None) -> str:
+    saver = ShardedCheckpointer(str(run), storage, 0, False, async_save=False)
+    saver.save(objective, optimizer, TrainState(step=step, seed=3), "model: {}\n", wait=True)
+    ((saved_step, uri),) = saver.ready()
+    assert saved_step == step
+    return uri
+
+
+def test_world_of_one_round_trip_is_exact(tmp_path):
+    objective, optimizer = _trained()
+    uri = _save(tmp_path / "run", objective, optimizer, step=2)
+    saved = copy.deepcopy(objective.state_dict())
+    names = {p.name for p in Path(uri).iterdir()}
+    assert {".metadata", "train_state.json", "config.yaml", "__0_0.distcp"} <= names
+    assert sharded_problem(uri) is None and ckpt.checkpoint_problem(uri) is None
+    assert ckpt.newest_checkpoint(str(tmp_path / "run")) == uri
+    assert ckpt.latest_train_state(str(tmp_path / "run")).step == 2
+
+    fresh = _objective()
+    fresh_opt = build_optimizer(fresh, _cfg("none"))
+    load_sharded(uri, None, fresh, fresh_opt)
+    _assert_equal(objective.state_dict(), fresh.state_dict(), "model")
+    _assert_equal(_named_optim(objective, optimizer), _named_optim(fresh, fresh_opt), "optim")
+    # the same next step from the loaded state as from the original
+    _train(objective, optimizer, None, 1, slice(0, 4))
+    _train(fresh, fresh_opt, None, 1, slice(0, 4))
+    _assert_equal(objective.state_dict(), fresh.state_dict(), "after a step")
+    _assert_equal(read_full_state(uri)["model"], saved, "read_full_state")
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("rm .metadata", ".metadata: missing"),
+        ("rm __0_0.distcp", "__0_0.distcp: missing"),
+        ("truncate __0_0.distcp", "__0_0.distcp: "),
+        ("rm train_state.json", "train_state.json: missing"),
+        ("bad train_state.json", "train_state.json: not a valid train state"),
+    ],
+)
+def test_an_incomplete_sharded_checkpoint_is_skipped_for_the_previous(tmp_path, damage, named):
+    objective, optimizer = _trained(1)
+    run = tmp_path / "run"
+    older = _save(run, objective, optimizer, step=1)
+    _train(objective, optimizer, None, 1, slice(0, 4))
+    newer = Path(_save(run, objective, optimizer, step=2))
+    verb, name = damage.split(" ")
+    if verb == "rm":
+        (newer / name).unlink()
+    elif verb == "truncate":
+        data = (newer / name).read_bytes()
+        (newer / name).write_bytes(data[: len(data) // 2])
+    else:
+        (newer / name).write_text("{")
+    problem = ckpt.checkpoint_problem(str(newer))
+    assert problem is not None and problem.startswith(named), problem
+    assert ckpt.newest_checkpoint(str(run)) == older
+    load_sharded(older, None, _objective(), None)  # the previous one still loads
+
+
+KILLED_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, {repo!r})
+from tests.orchestrator import test_checkpoint_sharded as t
+from orchestrator.train.checkpoint import ShardedCheckpointer
+from orchestrator.train.state import TrainState
+
+run = Path({run!r})
+objective, optimizer = t._trained(1)
+saver = ShardedCheckpointer(str(run), None, 0, False, async_save=True)
+saver.save(objective, optimizer, TrainState(step=1), "model: {{}}\\n", wait=True)
+objective.register_buffer("ballast", torch.ones(96 * 2**20))  # ~400 MB: a write in flight
+saver.save(objective, optimizer, TrainState(step=2), "model: {{}}\\n", wait=False)
+shard = run / "checkpoint_00000002" / "__0_0.distcp"
+deadline = time.monotonic() + 60
+while not (shard.exists() and shard.stat().st_size > 0) and time.monotonic() < deadline:
+    time.sleep(0.001)
+print("killing", shard.exists(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_async_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    script = KILLED_WRITER.format(repo=str(REPO), run=str(run))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed, not finished
+    assert "killing True" in proc.stdout
+    partial = run / "checkpoint_00000002"
+    assert (partial / "__0_0.distcp").exists()  # the write had started
+    assert not (partial / "train_state.json").exists()  # and not finished
+    assert ckpt.checkpoint_problem(str(partial)) is not None
+    assert ckpt.newest_checkpoint(str(run)) == str(run / "checkpoint_00000001")
+    objective, optimizer = _trained(1)  # the state that step 1 saved
+    fresh = _objective()
+    fresh_opt = build_optimizer(fresh, _cfg("none"))
+    load_sharded(ckpt.newest_checkpoint(str(run)), None, fresh, fresh_opt)
+    _assert_equal(objective.state_dict(), fresh.state_dict(), "model")
+    _assert_equal(_named_optim(objective, optimizer), _named_optim(fresh, fresh_opt), "optim")
+
+
+def test_sharded_checkpoint_on_s3(s3_bucket):
+    objective, optimizer = _trained(1)
+    run = f"{s3_bucket}/runs/sharded"
+    uri = _save(run, objective, optimizer, step=1)
+    assert uri == f"{run}/checkpoint_00000001"
+    assert ckpt.newest_checkpoint(run) == uri
+    assert ckpt.latest_train_state(run).step == 1
+    fresh = _objective()
+    fresh_opt = build_optimizer(fresh, _cfg("none"))
+    load_sharded(uri, None, fresh, fresh_opt)
+    _assert_equal(objective.state_dict(), fresh.state_dict(), "model")
+    _assert_equal(_named_optim(objective, optimizer), _named_optim(fresh, fresh_opt), "optim")
+    _assert_equal(read_full_state(uri)["model"], objective.state_dict(), "read_full_state")
+
+
+def _wrapped(world: int):
+    from orchestrator.train.parallel import wrap_for_distributed
+
+    objective = _objective()
+    strategy = wrap_for_distributed(objective, _cfg(), torch.device("cpu"), world)
+    return objective, build_optimizer(objective, _cfg()), strategy
+
+
+def _writer_ranks(rank: int, out: str) -> None:
+    """2 FSDP ranks train 2 steps on their halves, save sync (step 2) and async (step 3)."""
+    import torch.distributed as dist
+
+    objective, optimizer, strategy = _wrapped(2)
+    rows = slice(2 * rank, 2 * rank + 2)
+    _train(objective, optimizer, strategy, 2, rows)
+    sync = ShardedCheckpointer(f"{out}/sync", None, rank, True, async_save=False)
+    sync.save(objective, optimizer, TrainState(step=2), "{}\n", wait=False)
+    model, _ = strategy.full_state_dicts(objective, optimizer, rank)
+    optim = _named_optim(objective, optimizer)  # a collective under FSDP: every rank
+    if rank == 0:  # the reference: today's gathered, unsharded state
+        torch.save({"model": model, "optim": optim}, f"{out}/s2.pt")
+    asyn = ShardedCheckpointer(f"{out}/async", None, rank, True, async_save=True)
+    asyn.save(objective, optimizer, TrainState(step=2), "{}\n", wait=False)
+    _train(objective, optimizer, strategy, 1, rows)  # the write runs during this step
+    got: list = []
+    while not got:  # every rank agrees when it is complete
+        got = asyn.ready()
+    asyn.close()
+    assert got == [(2, f"{out}/async/checkpoint_00000002")]
+    assert sync.ready() == [(2, f"{out}/sync/checkpoint_00000002")]
+    dist.barrier()
+
+
+def _reader_ranks(rank: int, out: str, world: int) -> None:
+    """``world`` FSDP ranks load both checkpoints; rank 0 saves the gathered states."""
+    for kind in ("sync", "async"):
+        objective, optimizer, strategy = _wrapped(world)
+        saver = ShardedCheckpointer(f"{out}/{kind}", None, rank, True, async_save=False)
+        load_sharded(f"{out}/{kind}/checkpoint_00000002", None, objective, optimizer, saver.group)
+        model, _ = strategy.full_state_dicts(objective, optimizer, rank)
+        optim = _named_optim(objective, optimizer)
+        if rank == 0:
+            torch.save({"model": model, "optim": optim}, f"{out}/{kind}_on{world}.pt")
+
+
+@pytest.mark.slow
+def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
+    for store in ("w", "r"):
+        (tmp_path / store).mkdir()
+    run_gloo(_writer_ranks, 2, tmp_path / "w", str(tmp_path))
+    ref = torch.load(tmp_path / "s2.pt", weights_only=True)
+    assert any("teacher" in k for k in ref["model"]) and any("center" in k for k in ref["model"])
+    assert any("row_var" in s for s in ref["optim"]["state"].values())  # Adafactor, factored
+    for kind in ("sync", "async"):
+        uri = str(tmp_path / kind / "checkpoint_00000002")
+        assert ckpt.checkpoint_problem(uri) is None
+        assert {p.name for p in Path(uri).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+        alone = _objective()  # one process, no process group: whole tensors
+        alone_opt = build_optimizer(alone, _cfg("none"))
+        load_sharded(uri, None, alone, alone_opt)
+        _assert_equal(ref["model"], alone.state_dict(), f"{kind} on 1: model")
+        _assert_equal(ref["optim"], _named_optim(alone, alone_opt), f"{kind} on 1: optim")
+    run_gloo(_reader_ranks, 3, tmp_path / "r", str(tmp_path), 3)
+    for kind in ("sync", "async"):
+        got = torch.load(tmp_path / f"{kind}_on3.pt", weights_only=True)
+        _assert_equal(ref["model"], got["model"], f"{kind} on 3: model")
+        _assert_equal(ref["optim"], got["optim"], f"{kind} on 3: optim")
