@@ -166,6 +166,17 @@ class TrainConfig:
     # this often (checkpoints, evaluations and the last step always are). 0 = every log step.
     report_min_interval_s: float = 2.0
     checkpoint_every_steps: int = 500
+    # full: rank 0 writes one model.pt + optim.pt (under FSDP every rank joins a gather of
+    # the whole state first); sharded: every rank writes its own shards through
+    # torch.distributed.checkpoint, no gather, reshardable to any world size on load
+    # (orchestrator/train/checkpoint.py; issue 21: the gather and rank 0's write stalled every
+    # worker and needed rank 0's host memory for a ViT-g's 11 GB). full stays the default so
+    # small runs keep the one-file layout `tips eval` and Tune read; the GPU recipes use
+    # sharded, and `tips export` turns a sharded checkpoint into the full layout.
+    checkpoint_format: str = "full"  # full | sharded
+    # sharded only: copy the state to host memory (the only stall), write in the background,
+    # and report the checkpoint to Ray once written (benchmarks/checkpoint_io.py)
+    async_checkpoint: bool = False
     eval_every_steps: int = 0  # 0 = no periodic evaluation (rank 0, on data.eval_uri)
     eval_tasks: list[str] = field(
         default_factory=lambda: ["zero_shot_seg", "retrieval", "zero_shot_cls"]
@@ -253,6 +264,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.momentum_schedule": ("cosine", "linear", "constant"),
     "train.precision": ("bf16", "fp32"),
     "train.mixed_precision": ("autocast", "fsdp_params"),
+    "train.checkpoint_format": ("full", "sharded"),
     "scaling.strategy": ("ddp", "fsdp", "none"),
     "scaling.accelerator": ("auto", "cpu", "gpu", "tpu"),
     "scaling.pjrt_device": ("TPU", "CPU"),
@@ -610,6 +622,17 @@ def _validate_schedule(cfg: TipsConfig, source: str) -> None:
     for key in ("total_steps", "batch_size_per_worker", "log_every_steps"):
         _require(_get(t, key) >= 1, source, f"train.{key} must be >= 1")
     _require(t.checkpoint_every_steps >= 1, source, "train.checkpoint_every_steps must be >= 1")
+    _require(
+        not t.async_checkpoint or t.checkpoint_format == "sharded",
+        source,
+        "train.async_checkpoint=true needs train.checkpoint_format=sharded",
+    )
+    _require(
+        t.checkpoint_format == "full" or accelerator(cfg.scaling) != "tpu",
+        source,
+        "train.checkpoint_format=sharded is not supported on scaling.accelerator=tpu "
+        "(the XLA strategy copies the state to the host itself): use full",
+    )
     _require(t.report_min_interval_s >= 0, source, "train.report_min_interval_s must be >= 0")
     _require(t.preemption_margin_s >= 0, source, "train.preemption_margin_s must be >= 0")
     s = cfg.scaling

@@ -3,6 +3,7 @@
     train    train a recipe                         key=value config    cli/train.py
     tune     a Ray Tune sweep over a recipe         key=value config    cli/tune.py
     eval     the evaluation suite                   key=value settings  cli/eval.py
+    export   a sharded checkpoint as one model.pt   --flags             cli/export.py
     data     synth | pack | ingest | caption | regions | inspect   (--flags)  cli/data.py
     cluster  local up | add | preempt | ...         --flags (a tool)    cli/cluster.py
     recipes  the packaged recipes and sweeps                            cli/recipes.py
@@ -25,6 +26,7 @@ VERBS = {
     "train": "orchestrator.cli.train",
     "tune": "orchestrator.cli.tune",
     "eval": "orchestrator.cli.eval",
+    "export": "orchestrator.cli.export",
     "data": "orchestrator.cli.data",
     "cluster": "orchestrator.cli.cluster",
     "recipes": "orchestrator.cli.recipes",

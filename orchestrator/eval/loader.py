@@ -5,7 +5,8 @@ in eval mode. ``spec`` is one of
 
 * a checkpoint: a ``checkpoint_<step:08d>/`` directory (``model.pt`` = the objective's
   state dict, ``config.yaml`` = the resolved run config; docs/design.md, "Checkpoints"),
-  a run directory holding several (the highest step is taken), or its ``model.pt``;
+  a run directory holding several (the highest step is taken), or its ``model.pt``; a
+  sharded checkpoint (DCP shards, ``train.checkpoint_format=sharded``) is read whole;
   local or ``s3://`` (copied to a temporary directory first). The objective is rebuilt
   from ``config.yaml`` and loaded strictly; ``which="student"`` takes the student's towers,
   ``which="teacher"`` the EMA vision tower of a full-EMA run (text stays the student's);
@@ -137,15 +138,13 @@ def find_checkpoint(path: Path) -> Path:
     """
     if path.is_file() and path.name == "model.pt":
         path = path.parent
-    if (path / "model.pt").is_file():
+    if _has_weights(path):
         if not (path / "config.yaml").is_file():
             raise LoadError(f"{path}: has model.pt but no config.yaml (the resolved run config)")
         return path
     if path.is_dir():
         found = [
-            p
-            for p in path.rglob("checkpoint_*")
-            if _CKPT_RE.match(p.name) and (p / "model.pt").is_file()
+            p for p in path.rglob("checkpoint_*") if _CKPT_RE.match(p.name) and _has_weights(p)
         ]
         if found:
             best = max(found, key=lambda p: (int(_CKPT_RE.match(p.name).group(1)), str(p)))
@@ -157,12 +156,27 @@ def find_checkpoint(path: Path) -> Path:
     )
 
 
+def _has_weights(path: Path) -> bool:
+    """``model.pt``, or a sharded checkpoint's DCP index (orchestrator/train/checkpoint.py)."""
+    return (path / "model.pt").is_file() or (path / ".metadata").is_file()
+
+
+def _model_state(ckpt: Path) -> dict:
+    """``model.pt``, or the model part of a sharded checkpoint read whole in this process."""
+    from tips_model.checkpoints import load_state_dict
+
+    if (ckpt / "model.pt").is_file():
+        return load_state_dict(ckpt / "model.pt")
+    from orchestrator.train.checkpoint import read_full_state
+
+    return read_full_state(str(ckpt))["model"]
+
+
 def load_checkpoint(uri: str, which: str = "student") -> Encoders:
     """Rebuild the objective from ``config.yaml`` and load ``model.pt`` (strict)."""
     import yaml
 
     from orchestrator import config as config_lib
-    from tips_model.checkpoints import load_state_dict
     from tips_model.objectives import build_objective
     from tips_model.tokenizer import build_tokenizer
 
@@ -174,7 +188,7 @@ def load_checkpoint(uri: str, which: str = "student") -> Encoders:
     m = cfg.model
     tokenizer = build_tokenizer(m.tokenizer, path=m.tokenizer_path, max_len=m.max_text_len)
     objective = build_objective(cfg.objective, m, vocab_size=tokenizer.vocab_size)
-    state = load_state_dict(ckpt / "model.pt")
+    state = _model_state(ckpt)
     try:
         objective.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -19,8 +19,12 @@
    stop the run here, so up to ``log_every_steps`` late) and the stream position all ranks
    agree on; report metrics on all ranks (``report`` is a barrier); every
    ``checkpoint_every_steps``, at the end, and once when a node is being drained for
-   preemption, rank 0 writes a complete, unsharded checkpoint (under FSDP every rank joins
-   the gather first) and hands it to Ray.
+   preemption, a checkpoint: ``train.checkpoint_format=full``: rank 0 writes a complete,
+   unsharded one (under FSDP every rank joins the gather first) and hands it to Ray;
+   ``sharded``: every rank writes its own shards into the run directory
+   (orchestrator/train/checkpoint.py; in the background with ``train.async_checkpoint``,
+   the last and preemption checkpoints waited for) and the first report after it is
+   complete registers it with Ray.
 
 Randomness inside a step (drop-path, masks are made by the pipeline) is seeded from
 (seed, step, rank), so a resumed run reproduces an uninterrupted one exactly.
@@ -34,6 +38,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray.train
@@ -43,6 +48,7 @@ import torch.distributed as dist
 
 from orchestrator import config as config_lib
 from orchestrator.data.pipeline import STAT_COLUMNS, pop_data_stats
+from orchestrator.train.checkpoint import ShardedCheckpointer
 from orchestrator.train.guard import StepGuard
 from orchestrator.train.loggers import Loggers, open_loggers
 from orchestrator.train.metrics import (
@@ -86,25 +92,42 @@ def _threads(cfg: config_lib.TipsConfig) -> int:
 
 def _restore(
     cfg: config_lib.TipsConfig, objective: torch.nn.Module, run_uri: str
-) -> tuple[TrainState, str | None, dict | None]:
+) -> tuple[TrainState, str | None, Callable[..., None] | None]:
     """The newest complete and loadable checkpoint of this run on storage (a restart, a
     resize, a resubmission), else ``run.resume_from``; the driver's data stream starts from
     the same one (``state.newest_checkpoint``).
 
-    Loads the model (unsharded, before any wrapping) and returns the optimizer state for
-    ``Strategy.load_optimizer_state`` once the optimizer exists.
+    Returns the train state and what loads the rest once wrapped and with an optimizer,
+    ``finish(strategy, optimizer, group)``: a full checkpoint's model is loaded here
+    (unsharded, before any wrapping) and ``finish`` hands its optimizer state to
+    ``Strategy.load_optimizer_state``; a sharded one is loaded by ``finish`` into the wrapped
+    model and optimizer (DCP reads each rank's shards: orchestrator/train/checkpoint.py).
     """
     from orchestrator.storage import checkpoint_from_uri
-    from orchestrator.train.state import newest_checkpoint
+    from orchestrator.train.checkpoint import is_sharded, load_sharded
+    from orchestrator.train.state import latest_train_state, newest_checkpoint
 
     source = newest_checkpoint(run_uri, cfg.storage) or cfg.run.resume_from
     if not source:
         return TrainState(seed=cfg.train.seed), None, None
-    with checkpoint_from_uri(source, cfg.storage).as_directory() as directory:
-        state = restore_checkpoint_dir(directory, objective, None)
-        optim_state = read_optimizer_state(directory)
+    if is_sharded(source, cfg.storage):
+        state = latest_train_state(source, cfg.storage, is_checkpoint=True)
+        if state is None:
+            raise CheckpointError(f"{source}: no train_state.json (incomplete checkpoint)")
+
+        def finish(strategy: Any, optimizer: torch.optim.Optimizer, group: Any) -> None:
+            load_sharded(source, cfg.storage, objective, optimizer, group)
+
+    else:
+        with checkpoint_from_uri(source, cfg.storage).as_directory() as directory:
+            state = restore_checkpoint_dir(directory, objective, None)
+            optim_state = read_optimizer_state(directory)
+
+        def finish(strategy: Any, optimizer: torch.optim.Optimizer, group: Any) -> None:
+            strategy.load_optimizer_state(objective, optimizer, optim_state)
+
     state.nonfinite_in_a_row = 0
-    return state, source, optim_state
+    return state, source, finish
 
 
 # Failures that repeat on every attempt: the workers stop without raising, so they do not
@@ -150,6 +173,7 @@ class Worker:
     loggers: Loggers  # TensorBoard, MLflow, W&B (rank 0; orchestrator/train/loggers.py)
     history: MetricsHistory
     monitor: Any
+    checkpointer: ShardedCheckpointer | None = None  # train.checkpoint_format=sharded
     guard: StepGuard | None = None  # made at the first step (orchestrator/train/guard.py)
 
 
@@ -199,7 +223,7 @@ def _steps(w: Worker) -> None:
             metrics.update(w.strategy.perf_metrics())
             _log_metrics(w, metrics, want_eval)
             t_save = time.monotonic()
-            directory = _save(w) if want_ckpt else None
+            directory = _save(w, wait=last or preempted) if want_ckpt else None
             if want_ckpt or want_eval or _report_due(last_report, w.cfg, w.device, w.distributed):
                 _report(w, metrics, directory, want_ckpt)
                 last_report = time.monotonic()
@@ -223,13 +247,18 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
     )
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     objective = build_objective(cfg.objective, cfg.model, tokenizer.vocab_size).to(device)
-    state, source, optim_state = _restore(cfg, objective, loop_config["run_uri"])
+    state, source, finish_restore = _restore(cfg, objective, loop_config["run_uri"])
     strategy = _strategy(cfg, objective, device, world_size if distributed else 1)
     if cfg.train.compile:  # after wrapping: the compiled call runs the DDP/FSDP student
         objective.compile_step()
     optimizer = build_optimizer(objective, cfg)  # after wrapping: FSDP replaces parameters
-    if optim_state is not None:
-        strategy.load_optimizer_state(objective, optimizer, optim_state)
+    checkpointer = None
+    if cfg.train.checkpoint_format == "sharded":
+        checkpointer = ShardedCheckpointer(
+            loop_config["run_uri"], cfg.storage, rank, distributed, cfg.train.async_checkpoint
+        )
+    if finish_restore is not None:
+        finish_restore(strategy, optimizer, checkpointer.group if checkpointer else None)
     if source and rank == 0:
         logger.info(
             "resumed at step %d (%d samples) from %s (%s, world size %d)",
@@ -249,7 +278,7 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
             open_loggers(loop_config.get("loggers"), loop_config["config"], cfg.storage)
             if rank == 0 else Loggers([])
         ),
-        history=history, monitor=collapse_monitor(cfg),
+        history=history, monitor=collapse_monitor(cfg), checkpointer=checkpointer,
     )  # fmt: skip
 
 
@@ -438,10 +467,15 @@ def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
     w.history.write({**metrics, "warning": warning} if warning else metrics)
 
 
-def _save(w: Worker) -> Any:
+def _save(w: Worker, wait: bool = True) -> Any:
     """A complete, unsharded checkpoint directory (rank 0; under FSDP every rank joins the
-    gather first); None on other ranks."""
+    gather first); None on other ranks. Sharded: every rank starts writing its shards (in
+    the background with ``train.async_checkpoint`` unless ``wait``: the last and preemption
+    checkpoints) and ``_report`` hands the checkpoint to Ray once it is complete; None."""
     w.state.world_size_at_save = w.world_size
+    if w.checkpointer is not None:
+        w.checkpointer.save(w.objective, w.optimizer, w.state, w.config_yaml, wait=wait)
+        return None
     model_sd, optim_sd = w.strategy.full_state_dicts(w.objective, w.optimizer, w.rank)
     if w.rank != 0:
         return None
@@ -450,6 +484,9 @@ def _save(w: Worker) -> Any:
 
 def _report(w: Worker, metrics: dict[str, Any], directory: Any, checkpointing: bool) -> None:
     """``ray.train.report`` (a barrier: every rank calls it), with rank 0's checkpoint."""
+    if w.checkpointer is not None:
+        _report_sharded(w, metrics)
+        return
     checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
     name = f"checkpoint_{w.state.step:08d}" if checkpointing else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -458,6 +495,41 @@ def _report(w: Worker, metrics: dict[str, Any], directory: Any, checkpointing: b
             persist_checkpoint(directory, w.run_uri, w.cfg.storage)
         # SYNC upload copied it to the run's storage; the temp copy is ours to remove.
         shutil.rmtree(directory.parent, ignore_errors=True)
+
+
+def _report_sharded(w: Worker, metrics: dict[str, Any]) -> None:
+    """Report with the sharded checkpoints every rank has finished writing since the last
+    report (``ShardedCheckpointer.ready``: agreed, so every rank reports as often): already
+    in the run directory, registered with Ray without a copy (``NO_UPLOAD``), so Ray's
+    ``run.num_checkpoints_to_keep`` deletes old ones. Two at once (a previous asynchronous
+    write finished just before the last or a preemption checkpoint): one report each."""
+    ready = w.checkpointer.ready()
+    for i, (step, uri) in enumerate(ready or [(0, None)]):
+        if i > 0:
+            logger.info("checkpoint %s written; reporting the next one", uri)
+        checkpoint = None
+        if uri is not None and w.rank == 0:
+            checkpoint = _stored_checkpoint(w, uri)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"checkpoint_{step:08d}" if uri else None,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+
+
+def _stored_checkpoint(w: Worker, uri: str) -> ray.train.Checkpoint:
+    """A ``ray.train.Checkpoint`` for a checkpoint directory on the run's storage, on the
+    filesystem object Ray's own storage uses (Ray checks that it manages the directory)."""
+    from orchestrator.storage import checkpoint_from_uri
+
+    if w.persist_locally:  # Ray Train local mode: no run storage of its own
+        return checkpoint_from_uri(uri, w.cfg.storage)
+    storage = ray.train.get_context().get_storage()
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return ray.train.Checkpoint(
+        path=f"{storage.experiment_fs_path}/{name}", filesystem=storage.storage_filesystem
+    )
 
 
 class PreemptionWatch:

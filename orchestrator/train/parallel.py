@@ -34,13 +34,16 @@
   weights, made once per unit per step in its all-gather, instead of autocast casting every
   weight at every use; the optimizer and the checkpoints see only the fp32 shards.
 
-Checkpoints keep one format whatever the strategy: ``model.pt`` = the unsharded
-``objective.state_dict()``, ``optim.pt`` = ``optimizer.state_dict()`` (integer parameter ids).
-Under FSDP every rank joins DCP's ``get_*_state_dict(full_state_dict=True, cpu_offload=True)``
-gathers and rank 0 writes; DCP's names (FQNs) are mapped back to ids. The model is restored
-before sharding (a plain load on every rank); the optimizer after, through
-``set_optimizer_state_dict`` from the full state, which takes each rank's slice. So a
-checkpoint written by N FSDP workers resumes on any world size, under FSDP, DDP or alone.
+Checkpoints (``train.checkpoint_format``) resume on any world size, under FSDP, DDP or alone:
+* ``full``, one format whatever the strategy: ``model.pt`` = the unsharded
+  ``objective.state_dict()``, ``optim.pt`` = ``optimizer.state_dict()`` (integer parameter
+  ids). Under FSDP every rank joins DCP's ``get_*_state_dict(full_state_dict=True,
+  cpu_offload=True)`` gathers (``full_state_dicts``) and rank 0 writes; DCP's names (FQNs) are
+  mapped back to ids. The model is restored before sharding (a plain load on every rank); the
+  optimizer after, through ``set_optimizer_state_dict`` from the full state
+  (``load_optimizer_state``), which takes each rank's slice.
+* ``sharded``: no gather; each rank writes and reads its own DTensor shards through DCP after
+  wrapping (orchestrator/train/checkpoint.py), and DCP reshards on load.
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ class FsdpStrategy(Strategy):
         optim = get_optimizer_state_dict(objective, optimizer, options=options)
         if rank != 0:
             return None, None
-        return model, _names_to_ids(optim)
+        return model, names_to_ids(optim)
 
     def load_optimizer_state(
         self, objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict
@@ -267,7 +270,7 @@ def _shard_teacher(teacher: nn.Module | None, names: list[str], kw: dict) -> lis
     return [teacher.get_submodule(n) for n in roots]
 
 
-def _names_to_ids(optim: dict) -> dict:
+def names_to_ids(optim: dict) -> dict:
     """DCP's optimizer state (parameter FQNs) -> ``optimizer.state_dict()``'s integer ids."""
     ids: dict[str, int] = {}
     groups = []

@@ -301,3 +301,110 @@ def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
         got = torch.load(tmp_path / f"{kind}_on3.pt", weights_only=True)
         _assert_equal(ref["model"], got["model"], f"{kind} on 3: model")
         _assert_equal(ref["optim"], got["optim"], f"{kind} on 3: optim")
+
+
+# ------------------------------------------------- the training loop, tips export, tips eval
+
+BASE = [
+    "train.global_batch_size=8",
+    "train.batch_size_per_worker=8",
+    "train.log_every_steps=1",
+    "train.checkpoint_every_steps=3",
+    "train.total_steps=6",
+    "train.report_min_interval_s=0",  # every step reports: the async checkpoint rides along
+    "optim.name=adafactor",
+    "optim.warmup_steps=2",
+    "teacher.temp_warmup_steps=2",
+    "train.checkpoint_format=sharded",
+]
+LOCAL = ["scaling.min_workers=0", "scaling.max_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def ray_train_runtime(s3_endpoint: str):
+    from tests.orchestrator.conftest import ray_runtime
+
+    yield from ray_runtime()
+
+
+def _run_cfg(data_cfg, synth_data, tmp_path, *overrides):
+    from orchestrator.train.driver import absolutize
+
+    return absolutize(
+        data_cfg(str(synth_data / "train"), *BASE, f"run.storage_uri={tmp_path}/runs", *overrides)
+    )
+
+
+def _losses(cfg) -> dict[int, float]:
+    from orchestrator.train.driver import metrics_path
+    from orchestrator.train.metrics import read_history
+
+    return {int(r["train/step"]): r["loss/total"] for r in read_history(metrics_path(cfg))}
+
+
+@pytest.mark.slow
+def test_async_sharded_training_resumes_exactly_and_exports(
+    ray_train_runtime, data_cfg, synth_data, tmp_path
+):
+    from orchestrator.cli import main
+    from orchestrator.eval.loader import load_checkpoint
+    from orchestrator.train.driver import fit
+    from tips_model.checkpoints import load_state_dict
+
+    full = _run_cfg(
+        data_cfg, synth_data, tmp_path, *LOCAL, "run.name=a", "train.async_checkpoint=true"
+    )
+    result = fit(full)
+    assert result.error is None
+    run = tmp_path / "runs" / "a"
+    for step in (3, 6):
+        uri = str(run / f"checkpoint_{step:08d}")
+        assert ckpt.checkpoint_problem(uri) is None and not Path(uri, "model.pt").exists()
+        assert ckpt.latest_train_state(uri, is_checkpoint=True).step == step
+    assert Path(result.checkpoint.path).name == "checkpoint_00000006"
+    # a run resumed from the async checkpoint at step 3 takes the same steps 4-6
+    resumed = _run_cfg(
+        data_cfg,
+        synth_data,
+        tmp_path,
+        *LOCAL,
+        "run.name=b",
+        f"run.resume_from={run}/checkpoint_00000003",
+    )
+    assert fit(resumed).error is None
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a, b)
+    # tips export: today's layout, the same tensors; tips eval's loader reads both
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    sharded = read_full_state(str(run / "checkpoint_00000006"))
+    _assert_equal(load_state_dict(out / "model.pt"), sharded["model"], "model.pt")
+    optim = load_state_dict(out / "optim.pt")
+    assert sorted(optim["state"]) == list(range(len(sharded["optim"]["state"])))
+    assert ckpt.checkpoint_problem(str(out)) is None  # a complete full-layout checkpoint
+    objective = _objective_of(full)
+    state = ckpt.restore_checkpoint_dir(out, objective, build_optimizer(objective, full))
+    assert state.step == 6
+    enc_sharded = load_checkpoint(str(run / "checkpoint_00000006"))
+    enc_full = load_checkpoint(str(out))
+    _assert_equal(enc_sharded.vision.state_dict(), enc_full.vision.state_dict(), "eval load")
+
+
+def _objective_of(cfg):
+    from tips_model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.model.tokenizer, max_len=cfg.model.max_text_len)
+    return build_objective(cfg.objective, cfg.model, tok.vocab_size)
+
+
+def test_export_refuses_an_incomplete_checkpoint_in_one_line(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    objective, optimizer = _trained(1)
+    uri = Path(_save(tmp_path / "run", objective, optimizer, step=1))
+    (uri / "train_state.json").unlink()
+    assert main(["export", "--checkpoint", str(uri), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_state.json: missing" in err[0], err
