@@ -248,20 +248,26 @@ def _factored(
 ) -> list[Tensor]:
     """Updates of same-shape 2+-D parameters, computed on their stack: torch's row and
     column factors (written back into each state) and ``g / sqrt(row x col / mean(row))``."""
-    g = torch.stack(grads)  # [k, ..., R, C]
+    g = _stack(grads)  # [k, ..., R, C]
     rows, cols = g.shape[-2], g.shape[-1]
     row_vars = [_local(st["row_var"]) for st in states]
     col_vars = [_local(st["col_var"]) for st in states]
-    row_var, col_var = torch.stack(row_vars), torch.stack(col_vars)
+    row_var, col_var = _stack(row_vars), _stack(col_vars)
     row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_()
     row_var.lerp_(row_mean.div_(cols), omb)
     col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_()
     col_var.lerp_(col_mean.div_(rows), omb)
-    torch._foreach_copy_(row_vars, list(row_var.unbind(0)))
-    torch._foreach_copy_(col_vars, list(col_var.unbind(0)))
+    if len(states) > 1:  # a stack is a copy: the factors go back into the state
+        torch._foreach_copy_(row_vars, list(row_var.unbind(0)))
+        torch._foreach_copy_(col_vars, list(col_var.unbind(0)))
     var = row_var @ col_var
     var.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
     return list(var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g).unbind(0))
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, or for one tensor a view of it (no copy; in-place ops reach it)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _unfactored(
