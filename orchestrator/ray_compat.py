@@ -26,8 +26,14 @@ Private APIs used, and why there is no public one (Ray 2.60.0):
   view of the cluster's nodes Ray Train's elastic scaling policy sizes every (re)start from,
   refreshes that view only every ``_AutoscalingCoordinatorActor.TICK_INTERVAL_S`` (20 s);
   ``get_reserved_resources(requester_id, recompute=True)`` refreshes it at once. The train
-  driver calls it when a node dies or joins (orchestrator/train/driver.py ``NodeWatch``), so
-  a restart does not size itself from a node that is already gone. No public API reaches it.
+  driver calls it when a node dies or joins (orchestrator/train/driver.py ``NodeWatch``), and
+  the Train controller right before it acts on a failure (``coordinator_refresh_callback``),
+  so a restart does not size itself from a node that is already gone. No public API
+  reaches it.
+* ``ray.train.v2._internal.execution.callback.ControllerCallback`` (a DeveloperAPI; a
+  callback in ``RunConfig.callbacks`` that is not a ``ray.train.UserCallback`` reaches the
+  controller as is): its ``before_controller_execute_failure_decision`` hook runs in the
+  controller between a failure and the restart's sizing; ``UserCallback`` has no such hook.
 * ``ray.core.generated.gcs_pb2.GcsNodeInfo`` (``GcsNodeState.ALIVE`` / ``DEAD``, fields
   ``node_id``, ``node_manager_address``, ``temp_dir``, ``state``, ``labels``) and
   ``ray.core.generated.autoscaler_pb2.DrainNodeReason`` (``DRAIN_NODE_REASON_PREEMPTION``):
@@ -39,6 +45,7 @@ does not import Ray.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +54,7 @@ PREEMPTION_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 
 COORDINATOR_MODULE = "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"
 COORDINATOR_ACTOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # name, namespace
+CALLBACK_MODULE = "ray.train.v2._internal.execution.callback"
 
 # (module, attribute path) of every private symbol used below; tests/test_ray_compat.py
 # imports each and checks what this module calls on it.
@@ -60,6 +68,7 @@ PRIVATE_APIS: tuple[tuple[str, str], ...] = (
     ("ray.core.generated.autoscaler_pb2", "DrainNodeReason"),
     (COORDINATOR_MODULE, "_AutoscalingCoordinatorActor.get_reserved_resources"),
     (COORDINATOR_MODULE, "get_or_create_autoscaling_coordinator"),
+    (CALLBACK_MODULE, "ControllerCallback.before_controller_execute_failure_decision"),
 )
 
 
@@ -133,10 +142,12 @@ def draining_nodes(gcs: Any, *, timeout_s: float = 10) -> dict[str, int]:
 
 def refresh_autoscaling_coordinator(timeout_s: float = 10) -> bool:
     """Make Ray's ``AutoscalingCoordinator`` re-read the cluster's nodes and reservations now
-    (from a connected driver). False when the actor does not exist yet: it reads the nodes
-    when it starts."""
+    (from a process connected to Ray). False when this process is not connected or the actor
+    does not exist yet (it reads the nodes when it starts)."""
     import ray
 
+    if not ray.is_initialized():
+        return False
     try:
         actor = ray.get_actor(COORDINATOR_ACTOR[0], namespace=COORDINATOR_ACTOR[1])
     except ValueError:
@@ -146,3 +157,19 @@ def refresh_autoscaling_coordinator(timeout_s: float = 10) -> bool:
         actor.get_reserved_resources.remote("tips-node-watch", recompute=True), timeout=timeout_s
     )
     return True
+
+
+def coordinator_refresh_callback() -> Any:
+    """A Ray Train controller callback that refreshes the autoscaling coordinator right before
+    the controller acts on a failure: the restart that follows is sized from the nodes the
+    GCS knows by then (a node whose death failed the workers is already declared dead)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class RefreshBeforeRestart(ControllerCallback):
+        def before_controller_execute_failure_decision(self, failure_decision: Any) -> None:
+            try:
+                refresh_autoscaling_coordinator(timeout_s=5)
+            except Exception as e:  # noqa: BLE001 (the restart still works from the old view)
+                logging.getLogger(__name__).warning("autoscaling coordinator not refreshed: %s", e)
+
+    return RefreshBeforeRestart()

@@ -67,6 +67,11 @@ def test_each_private_api_still_exists(module, attr):
             "_AutoscalingCoordinatorActor.get_reserved_resources",
             ["self", "requester_id", "recompute"],
         ),
+        (
+            ray_compat.CALLBACK_MODULE,
+            "ControllerCallback.before_controller_execute_failure_decision",
+            ["self", "failure_decision"],
+        ),
     ],
 )
 def test_private_functions_take_the_parameters_ray_compat_passes(module, attr, expected):

@@ -15,9 +15,10 @@
   (docs/design.md, "Checkpoints").
 * Paths are made absolute before they cross into workers (workers chdir into a run dir).
 * Recovery from a lost node (docs/ray.md, "Recovery time"): an elastic run's worker-group
-  start timeout is ``scaling.worker_group_start_timeout_s`` (``train_env``), and while it
-  trains ``NodeWatch`` makes Ray's autoscaling coordinator re-read the nodes as soon as one
-  dies or joins, so the restart is sized from the nodes that are there.
+  start timeout is ``scaling.worker_group_start_timeout_s`` (``train_env``), and Ray's
+  autoscaling coordinator re-reads the nodes as soon as one dies or joins (``NodeWatch``)
+  and right before the controller acts on a failure (``_recovery_callbacks``), so the
+  restart is sized from the nodes that are there.
 """
 
 from __future__ import annotations
@@ -133,6 +134,13 @@ def train_env(cfg: config_lib.TipsConfig) -> dict[str, str]:
     return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{s.worker_group_start_timeout_s:g}"}
 
 
+def _recovery_callbacks(cfg: config_lib.TipsConfig) -> list[Any]:
+    """Elastic runs: the controller refreshes Ray's view of the nodes before each restart."""
+    if cfg.scaling.min_workers == cfg.scaling.max_workers:
+        return []
+    return [ray_compat.coordinator_refresh_callback()]
+
+
 class NodeWatch:
     """While an elastic run trains: polls the GCS's node table (``ray.nodes()``) every
     ``interval_s`` and, when a node dies or joins, makes Ray's autoscaling coordinator
@@ -241,7 +249,7 @@ def build_trainer(
             max_failures=r.max_failures, max_preemption_failures=r.max_preemption_failures
         ),
         checkpoint_config=CheckpointConfig(num_to_keep=r.num_checkpoints_to_keep),
-        callbacks=callbacks or [],
+        callbacks=[*(callbacks or []), *_recovery_callbacks(cfg)],
         # Ray Train filters its own console records (ray.train.*) at this level; the
         # session's log files keep everything (docs/ray.md, "Quiet console")
         logging_config=LoggingConfig(log_level=r.ray_log_level.upper()),
