@@ -23,14 +23,14 @@ A write that dies midway leaves no ``.metadata`` or no ``train_state.json``, or 
 naming shard files that are missing or short: ``sharded_problem`` says so and
 ``state.newest_checkpoint`` takes the previous checkpoint.
 
-Asynchronous save: ``save`` copies this rank's state to host memory (DCP's staging, the only
-stall), then a background thread writes the files, and a second one, once DCP's write has
-finished, writes the markers. DCP's background collectives run on a process group of their
-own (gloo: the CPU backend async save needs, docs of ``dcp.async_save``), so they never
-interleave with the training loop's collectives on the default group. One write is in flight
-at a time: a save waits for the previous one first. ``ready`` agrees across ranks (an
-all-reduce of "done" flags) which saves are complete, so every rank reports them to Ray at the
-same call.
+Asynchronous save: ``save`` copies this rank's state to host memory (DCP's staging, into
+buffers kept from the previous save: the only stall), then a background thread writes the
+files, and a second one, once DCP's write has finished, writes the markers. DCP's background
+collectives run on a process group of their own (gloo: the CPU backend async save needs,
+docs of ``dcp.async_save``), so they never interleave with the training loop's collectives
+on the default group. One write is in flight at a time: a save waits for the previous one.
+``ready`` agrees across ranks (an all-reduce of "done" flags) which saves are complete, so
+every rank reports them to Ray at the same call.
 
 Loading reshards: the target is this process's own ``get_state_dict`` (DTensors under FSDP,
 whole tensors alone or under DDP), and DCP reads for each target shard the pieces of the saved
@@ -216,6 +216,44 @@ def read_full_state(uri: str, storage: Any | None = None) -> dict[str, Any]:
     return out
 
 
+class _ReusedStager:
+    """DCP's host staging for asynchronous saves into buffers kept from the previous save.
+
+    ``FileSystemWriter``'s own staging allocates a fresh host copy of the state at every
+    save; the first touch of that memory is most of the copy's time, and the copy is the
+    loop's whole stall (benchmarks/checkpoint_io.py). Reusing the buffers is safe because
+    a save starts only after the previous write finished. Pinned on CUDA (faster device
+    copies); DCP's ``BlockingAsyncStager(cache_staged_state_dict=True)`` would always pin,
+    which a host without CUDA cannot.
+    """
+
+    should_synchronize_after_execute = False
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] | None = None
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        from torch.distributed._state_dict_utils import (
+            CompanionMismatch,
+            _copy_state_dict,
+            _create_cpu_state_dict,
+        )
+
+        if self._buffers is not None:
+            try:
+                return _copy_state_dict(state_dict, self._buffers)
+            except CompanionMismatch:  # another set of tensors than last time: new buffers
+                self._buffers = None
+        self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state_dict, self._buffers)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage`` copies before it returns."""
+
+    def close(self) -> None:
+        self._buffers = None
+
+
 @dataclasses.dataclass
 class _Pending:
     step: int
@@ -246,6 +284,7 @@ class ShardedCheckpointer:
         self._agree = dist.new_group(backend="gloo") if distributed else None
         self.no_dist = not distributed
         self._executor = ThreadPoolExecutor(1, "tips-ckpt") if async_save else None
+        self._stager = _ReusedStager()
         self._pending: _Pending | None = None
         self._complete: list[tuple[int, str]] = []
 
@@ -270,7 +309,11 @@ class ShardedCheckpointer:
             self._complete.append((state.step, uri))
             return
         written = dcp.async_save(
-            sd, storage_writer=writer, process_group=self.group, no_dist=self.no_dist
+            sd,
+            storage_writer=writer,
+            process_group=self.group,
+            async_stager=self._stager,
+            no_dist=self.no_dist,
         )
         done = self._executor.submit(self._write_markers, written, uri, state_json, config_yaml)
         self._pending = _Pending(state.step, uri, done)
@@ -307,5 +350,6 @@ class ShardedCheckpointer:
     def close(self) -> None:
         """Wait for a write in flight (the end of training: the last checkpoint waits)."""
         self._wait_pending()
+        self._stager.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)

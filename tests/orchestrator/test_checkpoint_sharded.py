@@ -408,3 +408,49 @@ def test_export_refuses_an_incomplete_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(uri), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train_state.json: missing" in err[0], err
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ray_workers_sharded_async_resumes_on_one(
+    ray_train_runtime, data_cfg, synth_data, tmp_path
+):
+    """Through Ray Train: 2 FSDP workers write sharded checkpoints in the background and
+    register them with Ray; one worker resumes from step 3 (lr 1e-30 and EMA momentum 1 keep
+    the loaded weights through its step, so they must equal the saved ones)."""
+    import ray.train
+
+    from orchestrator.train.driver import fit
+
+    two = _run_cfg(
+        data_cfg, synth_data, tmp_path,
+        "run.name=fsdp", "scaling.strategy=fsdp", "train.async_checkpoint=true",
+        "scaling.min_workers=2", "scaling.max_workers=2",
+        "scaling.resources_per_worker={CPU: 0.5}", "data.num_cpus_per_map_task=0.5",
+    )  # fmt: skip
+    result = fit(two)
+    assert result.error is None and result.metrics["train/world_size"] == 2
+    run = tmp_path / "runs" / "fsdp"
+    ckpt3 = run / "checkpoint_00000003"
+    assert ckpt.checkpoint_problem(str(ckpt3)) is None
+    assert {p.name for p in ckpt3.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert Path(result.checkpoint.path).name == "checkpoint_00000006"
+    reported = {Path(c.path).name for c, _ in result.best_checkpoints}
+    assert reported == {"checkpoint_00000003", "checkpoint_00000006"}  # both told to Ray
+    assert isinstance(result.checkpoint, ray.train.Checkpoint)
+    one = _run_cfg(
+        data_cfg, synth_data, tmp_path,
+        "run.name=fsdp_resumed", "scaling.strategy=fsdp", f"run.resume_from={ckpt3}",
+        "scaling.min_workers=1", "scaling.max_workers=1",
+        "train.total_steps=4", "optim.lr=1e-30", "optim.final_lr=0",
+        "teacher.momentum_start=1.0", "teacher.momentum_end=1.0",
+    )  # fmt: skip
+    result = fit(one)
+    assert result.error is None and sorted(_losses(one)) == [4]
+    saved = read_full_state(str(ckpt3))
+    after = read_full_state(str(tmp_path / "runs" / "fsdp_resumed" / "checkpoint_00000004"))
+    params = [k for k in saved["model"] if k.startswith(("student.", "teacher."))]
+    assert params
+    for k in params:
+        torch.testing.assert_close(after["model"][k], saved["model"][k], rtol=0, atol=1e-25)
+    steps = {float(s["step"]) for s in after["optim"]["state"].values()}
+    assert steps == {4.0}  # the optimizer state came along: its counters went on from 3
