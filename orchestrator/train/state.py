@@ -1,6 +1,9 @@
 """Checkpoint directories: what a run must carry to resume exactly, written safely.
 
-Layout (docs/design.md, "Checkpoints"): ``checkpoint_<step:08d>/`` with
+Two layouts (``train.checkpoint_format``; docs/design.md, "Checkpoints"). Sharded: each
+rank's DCP shards, ``.metadata``, ``config.yaml`` and ``train_state.json``, written by
+orchestrator/train/checkpoint.py; ``checkpoint_problem`` and ``newest_checkpoint`` here judge
+and find both layouts. Full, written here: ``checkpoint_<step:08d>/`` with
   model.pt          the objective's state_dict (student, teacher/EMA heads, loss centres,
                     temperature), unsharded whatever ``scaling.strategy`` trained it
   optim.pt          optimizer.state_dict(), unsharded (FSDP: gathered, see parallel.py)
