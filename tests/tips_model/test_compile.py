@@ -165,12 +165,30 @@ def test_compiled_teacher_update_equals_the_eager_one():
 
 
 def _step(obj: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, backward and teacher update; the loss and the student's gradients. The loss
+    centres must end in the buffer objects they started in, with the step's update."""
+    centres = {n: b for n, b in obj.named_buffers() if n.endswith("center")}
     torch.manual_seed(1)  # MUG draws its patch subset from the default generator
     batch = {k: v for k, v in make_batch().items() if k in obj.required_batch_keys()}
     out = obj(batch, STEP)
     out.loss.backward()
     grads = {n: p.grad for n, p in obj.student.named_parameters() if p.grad is not None}
+    obj.update_teacher(0.99)
+    for n, b in obj.named_buffers():
+        if n in centres:
+            assert b is centres[n] and b.abs().sum() > 0, n
     return out.loss.detach(), grads
+
+
+def assert_grads_close(grads: dict[str, torch.Tensor], eager: dict[str, torch.Tensor]) -> None:
+    """Each gradient within 1e-3 of the eager one in relative error norm: decompositions and
+    fused kernels sum in another order (a wrong gradient is off by tens of percent)."""
+    assert grads.keys() == eager.keys()
+    errors = {
+        k: float((grads[k] - eager[k]).norm() / eager[k].norm().clamp_min(1e-12)) for k in grads
+    }
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-3, f"{worst}: relative error {errors[worst]:.2e}"
 
 
 @pytest.mark.slow
@@ -178,12 +196,12 @@ def _step(obj: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def test_compiled_step_gives_the_eager_loss_and_gradients(name):
     eager_loss, eager_grads = _step(build(name))
     obj = build(name)
-    obj.compile_step(backend="aot_eager")  # forward and backward graphs, no code generation
+    # inductor's graphs and partitioner (which recomputes in backward what it can), without
+    # code generation; the partitioner is what a centre updated in place had broken
+    obj.compile_step(backend="aot_eager_decomp_partition")
     loss, grads = _step(obj)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == eager_grads.keys()
-    for k in grads:
-        torch.testing.assert_close(grads[k], eager_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_grads_close(grads, eager_grads)
 
 
 @pytest.mark.slow
@@ -192,10 +210,8 @@ def test_inductor_compiled_tips_step_matches_eager_within_float_tolerance():
     obj = build("tips")
     obj.compile_step()  # inductor, as train.compile does
     loss, grads = _step(obj)
-    obj.update_teacher(0.99)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
-    for k in grads:
-        torch.testing.assert_close(grads[k], eager_grads[k], rtol=1e-3, atol=1e-5, msg=k)
+    assert_grads_close(grads, eager_grads)
 
 
 def _ddp_breaks(rank: int) -> None:
@@ -217,3 +233,19 @@ def test_under_ddp_the_only_breaks_are_at_the_ddp_wrapper(tmp_path):
     from tests.gloo import run_gloo
 
     run_gloo(_ddp_breaks, 2, tmp_path)
+
+
+def test_the_teacher_temperature_schedule_compiles_at_most_twice():
+    """A changing float of StepState recompiles once, then is a graph input (not a constant)."""
+    calls = []
+
+    def counting(gm, inputs):
+        calls.append(gm)
+        return gm.forward
+
+    obj = build("tips")
+    obj.compile_step(backend=counting)
+    batch = make_batch()
+    for i, temp in enumerate((0.04, 0.045, 0.05, 0.055, 0.06)):
+        obj(batch, StepState(step=i, teacher_temp=temp, progress=i / 10))
+    assert len(calls) == 2

@@ -23,6 +23,7 @@ iterates as DINOv2 in exact arithmetic, without the float32 overflow / underflow
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,7 @@ class CenteredTeacherLoss(nn.Module):
         self.center_momentum = center_momentum
         self.student_temp = student_temp
         self.register_buffer("center", torch.zeros(center_shape))
+        self._home = [self.center]  # the buffer object, while compiled steps rebind it
 
     @torch.no_grad()
     def softmax_center_teacher(
@@ -220,7 +222,28 @@ class CenteredTeacherLoss(nn.Module):
         m = self.center_momentum
         mean = (total / count.clamp(min=1)).reshape(self.center.shape)
         updated = torch.add(self.center * m, mean.to(self.center.dtype), alpha=1 - m)
-        self.center.copy_(torch.where(count > 0, updated, self.center))
+        new = torch.where(count > 0, updated, self.center)
+        if torch.compiler.is_compiling():
+            # Rebound, not copy_: inductor's backward may recompute the targets from the
+            # centre it saved, and an in-place update would hand it the new one (wrong
+            # gradients: tests/tips_model/test_compile.py). settle_center, after backward,
+            # puts the value back into the buffer object that checkpoints and guards hold.
+            self.center = new
+        else:
+            self.center.copy_(new)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CenteredTeacherLoss:
+        out = super()._apply(fn, recurse)
+        self._home = [self.center]  # .to() / .cuda() replaced the buffer object
+        return out
+
+    @torch.no_grad()
+    def settle_center(self) -> None:
+        """After backward: the centre's value back in the registered buffer object."""
+        home = self._home[0]
+        if self.center is not home:
+            home.copy_(self.center)
+            self.center = home
 
 
 @torch.no_grad()

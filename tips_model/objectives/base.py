@@ -182,16 +182,19 @@ class Objective(nn.Module):
 
     def compile_step(self, backend: str = "inductor") -> None:
         """``train.compile``: ``torch.compile`` this objective's call (forward + losses, the
-        student's wrapper included) and the EMA update, with static shapes (``dynamic=False``:
-        batch shapes are fixed, and a new shape compiles once more). The first call of each
-        compiles (tens of seconds at ViT-B); tests/tips_model/test_compile.py holds every
-        objective's forward at 0 graph breaks.
+        student's wrapper included) and the EMA update. The call keeps torch's automatic
+        dynamic mode: batch shapes are fixed (static-shape objectives), and a schedule scalar
+        that changes (the teacher temperature in its warm-up) becomes a graph input after one
+        recompile, where ``dynamic=False`` would compile a graph per value. The EMA update
+        takes its momentum as a tensor and is compiled with ``dynamic=False``. The first call
+        of each compiles (tens of seconds at ViT-B); tests/tips_model/test_compile.py holds
+        every objective's forward at 0 graph breaks and the graph counts.
 
         Args:
             backend: ``torch.compile`` backend; tests use ``"aot_eager"`` (the same graphs,
                 forward and backward, without code generation).
         """
-        self.compile(dynamic=False, backend=backend)
+        self.compile(backend=backend)
         self._ema_apply = torch.compile(ema_apply_, dynamic=False, backend=backend)
         self._compiled = True
 

@@ -92,8 +92,10 @@ def mask_slots(masks: torch.Tensor, capacity: float) -> MaskSlots:
     with pipeline masks when capacity >= masking.ratio_max) are left out."""
     n_img, n = masks.shape
     s = max(1, int(capacity * n))
-    order = torch.sort(masks.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    order = order[:, :s]  # [B*G,S]
+    # Distinct keys (masked above unmasked, then by patch order), so the selection does not
+    # depend on how a sort orders ties: inductor may recompute it in backward with its own.
+    position = torch.arange(n - 1, -1, -1, device=masks.device)  # [N]
+    order = torch.topk(masks.long() * n + position, s, dim=1).indices  # [B*G,S]
     valid = masks.gather(1, order).float()
     count = masks.sum(dim=1, keepdim=True).clamp(min=1).float()  # [B*G,1]
     offset = torch.arange(n_img, device=masks.device)[:, None] * n
@@ -209,6 +211,8 @@ class TipsObjective(Objective):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
+        self.dino_loss.settle_center()  # a compiled forward rebinds the centres
+        self.ibot_loss.settle_center()
         if self.teacher is None:
             return
         self.ema_update(
