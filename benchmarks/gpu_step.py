@@ -26,9 +26,15 @@ Per recipe (``--recipes``: packaged names or YAML paths), one process, one devic
     ``x[masks]``;
   - ``fsdp_params``: ``old`` + ``train.mixed_precision=fsdp_params`` (bf16 compute copies
     of fp32 master weights; item 4);
-  - ``compile``: ``old`` + ``train.compile=true`` (item 3);
+  - ``compile``: ``old`` + ``train.compile=true`` (item 3; ``x[masks]`` breaks the graph);
+  - ``fixed_compile``: the fixed-count iBOT + compile;
   - ``all_on``: fixed-count iBOT + fsdp_params + compile;
-  - ``recipe``: the recipe's own settings (left out where it equals a row above).
+  - ``recipe``: the recipe's own settings.
+
+  A setting equal to an earlier one for this recipe is left out (tips_b14's own settings are
+  ``fixed_compile``). Each compiled setting compiles forward + backward first (minutes at
+  B/14, seconds from inductor's cache on a rerun): ``--settings`` and ``--recipes`` split
+  the run into parts.
 
 Columns: images/s; its ratio to the vision tower's; TFLOP/s and MFU from the FLOPs of the
 recipe's ``old`` step, counted once with ``torch.utils.flop_counter.FlopCounterMode``
@@ -40,11 +46,12 @@ and, from steps apart from the timed ones: host reads per step
 ``torch.compiler.set_stance("force_eager")``: a compiled region cannot read back without a
 graph break, which the next column shows), graph breaks of the objective's forward + loss
 (``torch._dynamo.explain``, compiled settings only: an eager step has no graph) and
-launches per step from ``torch.profiler``: device kernels on CUDA; on the CPU the aten ops
-called from Python (no aten op above them: a ``torch._foreach_*`` op counts once, not per
-tensor) plus the kernels of compiled graphs. ``--profile N`` prints the N kernels (ops on
-the CPU) with the most device time of each step setting after its timing. Target (issue 22):
-``tips_b14`` >= 35 % MFU, ``tipsv2_b14`` >= 30 % on an H100/H200.
+launches per step from ``torch.profiler``: device events (kernels, copies, memsets) on
+CUDA; on the CPU the aten ops called from Python (no aten op above them: a
+``torch._foreach_*`` op counts once, not per tensor) plus the kernels of compiled graphs.
+``--profile N`` prints the N kernels (ops on the CPU) with the most device time of each step
+setting after its timing. Target (issue 22): ``tips_b14`` >= 35 % MFU, ``tipsv2_b14`` >= 30 %
+on an H100/H200.
 """
 
 from __future__ import annotations
@@ -116,6 +123,8 @@ def load_cfg(recipe: str, batch: int, extra: list[str]) -> config_lib.TipsConfig
             "model.tokenizer_path=null",
             f"train.global_batch_size={batch}",
             f"train.batch_size_per_worker={batch}",
+            "scaling.min_workers=1",  # one device
+            "scaling.max_workers=1",
             *extra,
         ],
     )
