@@ -504,9 +504,7 @@ def _report_sharded(w: Worker, metrics: dict[str, Any]) -> None:
     ``run.num_checkpoints_to_keep`` deletes old ones. Two at once (a previous asynchronous
     write finished just before the last or a preemption checkpoint): one report each."""
     ready = w.checkpointer.ready()
-    for i, (step, uri) in enumerate(ready or [(0, None)]):
-        if i > 0:
-            logger.info("checkpoint %s written; reporting the next one", uri)
+    for step, uri in ready or [(0, None)]:
         checkpoint = None
         if uri is not None and w.rank == 0:
             checkpoint = _stored_checkpoint(w, uri)
