@@ -1,7 +1,8 @@
 """The non-finite guard's restore (orchestrator/train/guard.py StepGuard) on its own: the
 saved bits come back exactly whatever the update wrote (NaN, infinities, any dtype, strided
-tensors), a finite update is kept as it is, and the guard's op count does not grow with
-the number of tensors (foreach ops over groups, not ops per tensor). The whole training
+tensors, FSDP2 shards on two gloo ranks), a finite update is kept as it is, and the guard's
+op count does not grow with the number of tensors (foreach ops over groups, not ops per
+tensor). The whole training
 step's guard is tested in tests/orchestrator/test_host_syncs.py."""
 
 from __future__ import annotations
@@ -102,3 +103,52 @@ def test_the_guard_launches_the_same_ops_for_4_or_40_tensors():
     module, opt = _setup(37)
     tensors = len(_bits(module, opt))  # 164: 40 parameters, 4 buffers, 120 AdamW states
     assert many < tensors  # a guard per tensor would take 3+ (clone, where, copy_) each
+
+
+def _fsdp_worker(rank: int, out: str) -> None:
+    """On a gloo world of two: FSDP2-sharded parameters (DTensors; the guard works on their
+    local shards) and their AdamW state; a NaN step is undone, a finite one kept."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    guard = StepGuard(torch.device("cpu"))
+
+    def step(nan: bool) -> None:
+        loss = model(torch.randn(3, 6)).square().mean()
+        loss.backward()
+        guard.begin_step(model)
+        saved = guard.before_update(loss * float("nan") if nan else loss, model, opt, True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        guard.keep_if_finite(saved)
+
+    def local() -> list[torch.Tensor]:
+        state = [v for s in opt.state.values() for v in s.values()]
+        return [t.to_local().clone() if hasattr(t, "to_local") else t.clone() for t in state] + [
+            p.to_local().clone() for p in model.parameters()
+        ]
+
+    step(False)  # creates the state
+    step(False)
+    before = local()
+    step(nan=rank == 1)  # one rank's NaN: every rank skips
+    after_nan = local()
+    step(False)
+    torch.save(
+        {"same": all(torch.equal(a, b) for a, b in zip(before, after_nan)),
+         "moved": not torch.equal(local()[-1], after_nan[-1]), "read": guard.read()},
+        f"{out}/rank{rank}.pt",
+    )  # fmt: skip
+
+
+def test_a_non_finite_step_is_undone_on_fsdp_shards_on_every_rank(tmp_path):
+    from tests.gloo import run_gloo
+
+    run_gloo(_fsdp_worker, 2, tmp_path, str(tmp_path))
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result == {"same": True, "moved": True, "read": (0, 1)}, rank
