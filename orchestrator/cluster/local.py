@@ -53,10 +53,10 @@ START_ATTEMPTS = 2
 # its environment; a value already in the environment wins). Ray 2.60's defaults
 # (src/ray/common/ray_config_def.h): a health check of every raylet each 3000 ms, 10000 ms
 # timeout, dead after 5 failures in a row, so a killed node stays alive in the GCS for ~15 s
-# and an elastic restart in that window still counts its resources (docs/ray.md, "Recovery
-# time"). With these a crashed raylet (its port refuses) is dead after ~3 s, a vanished host
-# after 3 x (5 + 1) s, and a live raylet only after three 5 s checks in a row went
-# unanswered. The cluster files under cluster/ set the same values.
+# and an elastic restart in that window still counts its resources
+# (docs/ray.md, "Recovery time"). With these a crashed raylet (its port refuses) is dead
+# after ~3 s, a vanished host after 3 x (5 + 1) s, and a live raylet only after three 5 s
+# checks in a row went unanswered. The cluster files under cluster/ set the same values.
 HEALTH_CHECK_ENV = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_timeout_ms": "5000",
@@ -66,8 +66,9 @@ HEALTH_CHECK_ENV = {
 # instead of Ray's 1000 ms (``idle_worker_killing_time_threshold_ms``; idle workers beyond
 # ``num_workers_soft_limit``, the node's CPUs, are killed after it). These nodes have 1-2 CPUs
 # and run 0.25-CPU data tasks, so after a restart the new stream's tasks all started in new
-# processes, each paying ``import torch`` before its first block (docs/ray.md, "Recovery
-# time"); a node of a real cluster keeps as many idle workers as it has CPUs anyway.
+# processes, each paying ``import torch`` before its first block
+# (docs/ray.md, "Recovery time"); a node of a real cluster keeps as many idle workers as
+# it has CPUs anyway.
 NODE_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 

@@ -1,6 +1,7 @@
-"""Settings that make an elastic run recover fast after a node loss (docs/ray.md, "Recovery
-time"): the worker-group start timeout the driver hands to Ray Train, its validation, and the
-GCS health-check settings shared by the local cluster and the cluster files."""
+"""Settings that make an elastic run recover fast after a node loss
+(docs/ray.md, "Recovery time"): the worker-group start timeout the driver hands to Ray
+Train, its validation, and the GCS health-check settings shared by the local cluster and
+the cluster files."""
 
 from __future__ import annotations
 
