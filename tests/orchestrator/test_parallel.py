@@ -292,7 +292,8 @@ def _fsdp_params_worker(rank: int, out_dir: str) -> None:
     optimizer = build_optimizer(objective, cfg)
     seen: list[torch.dtype] = []
     block = objective.student.vision.blocks[0]
-    block.attn.qkv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    # on the attention module: it projects q, k, v from views of qkv.weight (no qkv forward)
+    block.attn.register_forward_pre_hook(lambda m, args: seen.append(m.qkv.weight.dtype))
     grads: set[str] = set()  # what the optimizer steps on (grads are dropped after)
     optimizer.register_step_pre_hook(
         lambda opt, *_: grads.update(str(p.grad.dtype) for p in _with_grad(opt))
