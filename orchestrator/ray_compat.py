@@ -39,6 +39,15 @@ Private APIs used, and why there is no public one (Ray 2.60.0):
   ``ray.core.generated.autoscaler_pb2.DrainNodeReason`` (``DRAIN_NODE_REASON_PREEMPTION``):
   the generated protobufs that ``GcsClient`` takes and returns.
 
+And one of torch's (2.14):
+
+* ``torch.distributed.checkpoint.state_dict_loader._load_state_dict(..., no_dist=True)`` with
+  ``default_planner._EmptyStateDictLoadPlanner``: a whole sharded (DCP) checkpoint into one
+  process, every tensor as saved, without knowing its keys or shapes first (``tips export``,
+  ``tips eval`` of a sharded checkpoint: orchestrator/train/checkpoint.py
+  ``read_full_state``). The public ``format_utils.dcp_to_torch_save`` does the same but only
+  from a local directory to a file; our checkpoints may be on S3 (a custom storage reader).
+
 Each private import happens inside the function that needs it, so importing this module
 does not import Ray.
 """
@@ -69,6 +78,8 @@ PRIVATE_APIS: tuple[tuple[str, str], ...] = (
     (COORDINATOR_MODULE, "_AutoscalingCoordinatorActor.get_reserved_resources"),
     (COORDINATOR_MODULE, "get_or_create_autoscaling_coordinator"),
     (CALLBACK_MODULE, "ControllerCallback.before_controller_execute_failure_decision"),
+    ("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict"),
+    ("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner"),
 )
 
 
@@ -173,3 +184,16 @@ def coordinator_refresh_callback() -> Any:
                 logging.getLogger(__name__).warning("autoscaling coordinator not refreshed: %s", e)
 
     return RefreshBeforeRestart()
+
+
+def dcp_load_whole(storage_reader: Any) -> dict[str, Any]:
+    """Every tensor and object of a DCP checkpoint, loaded in this process as saved (no
+    process group, no target state dict: the module doc says why this is private torch)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out: dict[str, Any] = {}
+    _load_state_dict(
+        out, storage_reader=storage_reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
+    return out

@@ -72,6 +72,11 @@ def test_each_private_api_still_exists(module, attr):
             "ControllerCallback.before_controller_execute_failure_decision",
             ["self", "failure_decision"],
         ),
+        (
+            "torch.distributed.checkpoint.state_dict_loader",
+            "_load_state_dict",
+            ["state_dict", "storage_reader", "no_dist", "planner"],
+        ),
     ],
 )
 def test_private_functions_take_the_parameters_ray_compat_passes(module, attr, expected):

@@ -203,17 +203,9 @@ def load_sharded(
 def read_full_state(uri: str, storage: Any | None = None) -> dict[str, Any]:
     """The whole ``{"model": state_dict, "optim": {"state", "param_groups"}}`` of a sharded
     checkpoint in this process (parameter FQNs as keys), whatever world size wrote it."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from orchestrator.ray_compat import dcp_load_whole
 
-    out: dict[str, Any] = {}
-    _load_state_dict(
-        out,
-        storage_reader=_reader(uri, storage),
-        planner=_EmptyStateDictLoadPlanner(),
-        no_dist=True,
-    )
-    return out
+    return dcp_load_whole(_reader(uri, storage))
 
 
 class _ReusedStager:
