@@ -44,7 +44,7 @@ def export_checkpoint(source: str, out: Path) -> Path:
     Raises:
         CheckpointError: ``source`` is not a complete checkpoint (the file is named).
     """
-    from orchestrator.storage import read_text
+    from orchestrator.storage import exists, read_text
     from orchestrator.train.checkpoint import is_sharded, read_full_state
     from orchestrator.train.parallel import names_to_ids
     from orchestrator.train.state import (
@@ -56,6 +56,8 @@ def export_checkpoint(source: str, out: Path) -> Path:
     )
     from tips_model.checkpoints import save_state_dict
 
+    if not exists(source):
+        raise CheckpointError(f"{source}: no such checkpoint or run directory")
     if list_checkpoints(source):
         found = newest_checkpoint(source)
         if found is None:

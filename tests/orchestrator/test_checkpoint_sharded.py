@@ -410,6 +410,16 @@ def test_export_refuses_an_incomplete_checkpoint_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "train_state.json: missing" in err[0], err
 
 
+def test_export_names_a_checkpoint_that_does_not_exist(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    missing = tmp_path / "runs" / "no_such_run"
+    assert main(["export", "--checkpoint", str(missing), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tips export: {missing}: no such checkpoint or run directory"], err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
 @pytest.mark.slow
 def test_fsdp_on_two_ray_workers_sharded_async_resumes_on_one(
     ray_train_runtime, data_cfg, synth_data, tmp_path
