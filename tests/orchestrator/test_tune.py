@@ -10,6 +10,7 @@ placement-group cleanup after an early stop needs the State API
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -382,5 +383,12 @@ max_concurrent_trials: 1
     err = capsys.readouterr().err
     failed = [x for x in err.splitlines() if " failed: " in x and x.startswith("tips tune: trial-")]
     assert len(failed) == 1, err[-3000:]
-    assert "NonFiniteLossError: 2 steps in a row had a non-finite loss" in failed[0]
+    # Found on the device and read at the next log step (orchestrator/train/guard.py): at
+    # least the limit's 2 steps in a row, up to a log interval more.
+    found = re.search(
+        r"NonFiniteLossError: (\d+) steps in a row had a non-finite loss "
+        r"\(train\.max_nonfinite_steps=2\)",
+        failed[0],
+    )
+    assert found and int(found.group(1)) >= 2, failed[0]
     assert "tips tune: 1 of 2 trial(s) failed" in err
