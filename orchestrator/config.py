@@ -190,6 +190,11 @@ class TrainConfig:
     # after a drain notice: checkpoint at once, and again this long (plus twice that first
     # checkpoint's duration) before the node's deadline; a spot notice gives 120 s on EC2
     preemption_margin_s: float = 15.0
+    # what the group does once that first checkpoint is written: "checkpoint" = restart at
+    # once on the nodes that are not draining (the run goes on without the drained node
+    # before its deadline: README "Elastic recovery"); "deadline" = Ray's default, the
+    # group trains on, saves again near the deadline and restarts when the node is gone
+    preemption_restart: str = "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -635,6 +640,11 @@ def _validate_schedule(cfg: TipsConfig, source: str) -> None:
     )
     _require(t.report_min_interval_s >= 0, source, "train.report_min_interval_s must be >= 0")
     _require(t.preemption_margin_s >= 0, source, "train.preemption_margin_s must be >= 0")
+    _require(
+        t.preemption_restart in ("checkpoint", "deadline"),
+        source,
+        f"train.preemption_restart={t.preemption_restart!r} must be checkpoint or deadline",
+    )
     s = cfg.scaling
     _require(
         0 <= s.min_workers <= s.max_workers,

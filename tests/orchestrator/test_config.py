@@ -192,3 +192,12 @@ def test_a_bad_value_in_a_recipe_names_that_recipe(tmp_path):
     bad.write_text(f"base: {RECIPES / 'tiny_cpu.yaml'}\noptim:\n  lr: 0\n")
     with pytest.raises(ConfigError, match=rf"^{bad}: optim.lr=0.0 must be > 0$"):
         load(bad, ["data.train_uri=/x"])
+
+
+def test_preemption_restart_is_checkpoint_or_deadline():
+    assert load(TINY, DATA).train.preemption_restart == "checkpoint"
+    assert load(TINY, [*DATA, "train.preemption_restart=deadline"]).train.preemption_restart == (
+        "deadline"
+    )
+    with pytest.raises(ConfigError, match=r"train\.preemption_restart='soon'"):
+        load(TINY, [*DATA, "train.preemption_restart=soon"])
