@@ -31,7 +31,8 @@ environment is requirements-xla.txt (torch 2.9.0 + torch-xla 2.9.0), apart from 
 On ``PJRT_DEVICE=CPU`` (tests: ``make test-xla``) each process has its own CPU client, so one
 worker: with two, both take rank 0 of the ``xla://`` rendezvous (torch_xla 2.9 configures
 multi-process PJRT for TPU/Neuron/plugins only; measured: EADDRINUSE on its TCPStore), and
-config.py refuses it. The multi-host TPU rendezvous is exercised only on real slices.
+orchestrator/config_validation.py refuses it. The multi-host TPU rendezvous is exercised only
+on real slices.
 """
 
 from __future__ import annotations
