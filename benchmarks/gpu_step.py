@@ -72,6 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import markdown_table, top_level_aten  # noqa: E402
 from orchestrator import config as config_lib  # noqa: E402
 from orchestrator.recipes import find_recipe  # noqa: E402
 from orchestrator.train.guard import count_host_reads, host_tensors  # noqa: E402
@@ -269,16 +270,8 @@ def launches(fn: Callable[[], None], device: torch.device, top: int = 0) -> int:
 
 def _top_level_cpu(event: Any) -> bool:
     """An aten op no aten op called, or a kernel of an inductor-compiled graph."""
-    if "cpp_fused" in event.name:  # inductor's C++ kernels (cpp.enable_kernel_profile)
-        return True
-    if not event.name.startswith("aten::"):
-        return False
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
+    # inductor's C++ kernels (cpp.enable_kernel_profile)
+    return "cpp_fused" in event.name or top_level_aten(event)
 
 
 def free(device: torch.device) -> None:
@@ -413,21 +406,17 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         f"\n{name}, torch {torch.__version__}, batch {args.batch}, {args.steps} timed steps, "
         f"peak {peak or '?'} TFLOP/s; {unit} per step from torch.profiler"
     )
-    print(
-        "| recipe | setting | images/s | ratio vs vision tower | TFLOP/s | MFU | peak GiB "
-        f"| host reads/step | graph breaks | {unit}/step |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = {}
+    columns = ["recipe", "setting", "images/s", "ratio vs vision tower", "TFLOP/s", "MFU",
+               "peak GiB", "host reads/step", "graph breaks", f"{unit}/step"]  # fmt: skip
+    base, cells = {}, []
     for r in rows:
         base.setdefault(r.recipe, r.images_s)
         mfu = f"{100 * r.tflops / peak:.1f} %" if peak else "n/a"
         mem = f"{r.peak_gib:.1f}" if device.type == "cuda" else "-"
-        print(
-            f"| {Path(r.recipe).stem} | {r.setting} | {r.images_s:.1f} | "
-            f"{r.images_s / base[r.recipe]:.2f} | {r.tflops:.3g} | {mfu} | {mem} | "
-            f"{r.reads} | {r.breaks} | {r.launches} |"
-        )
+        cells.append([Path(r.recipe).stem, r.setting, f"{r.images_s:.1f}",
+                      f"{r.images_s / base[r.recipe]:.2f}", f"{r.tflops:.3g}", mfu, mem,
+                      r.reads, r.breaks, r.launches])  # fmt: skip
+    print(markdown_table(columns, cells, left=2))
 
 
 if __name__ == "__main__":

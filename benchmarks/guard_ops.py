@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import top_level_aten  # noqa: E402
 from orchestrator import config as config_lib  # noqa: E402
 from orchestrator.recipes import find_recipe  # noqa: E402
 from orchestrator.train.guard import StepGuard  # noqa: E402
@@ -61,16 +62,7 @@ def top_level_ops(fn: Callable[[], None]) -> int:
     fn()  # the guard makes its views once
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and _no_aten_parent(e))
-
-
-def _no_aten_parent(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
+    return sum(1 for e in prof.events() if top_level_aten(e))
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import markdown_table  # noqa: E402
 from orchestrator import config as config_lib  # noqa: E402
 from orchestrator.recipes import find_recipe  # noqa: E402
 from tips_model.objectives import build_objective  # noqa: E402
@@ -50,6 +51,27 @@ from tips_model.objectives import build_objective  # noqa: E402
 VOCAB = 32000  # the released sentencepiece model (docs/method.md, "Tokenizer")
 GPUS_PER_NODE = 8  # p4d/p5 and a3 machines: 8 GPUs each
 SAMPLE_BYTES = 3 * 224 * 224 + 6 * 3 * 98 * 98 + 16 * 16 + 2 * 64 * 8  # uint8 crops, mask, ids
+
+
+# The figures measured elsewhere, passed in as flags: (flag, default, where it was measured).
+MEASURED = [
+    ("--b14-img-s", 575.0,
+     "tips_b14 images/s on one GPU (README 'GPU step': H200, batch 256, bf16)"),
+    ("--img-s-per-core", 287.5,
+     "data pipeline images/s per CPU core (README 'Data throughput': Ray Data, "
+     "epoch 2, 575 img/s on 2 cores, 1x224 + 6x98 crops of ~500x400 JPEGs)"),
+    ("--dcp-write-mb-s", 215.0,
+     "per-rank DCP write bandwidth, MB/s (README 'Checkpoint I/O': "
+     "benchmarks/checkpoint_io.py, dcp_sync, 2 ranks on one local disk); 0: omit"),
+    ("--dcp-stage-mb-s", 7640.0,
+     "per-rank async-DCP staging bandwidth (the stall), MB/s (README 'Checkpoint "
+     "I/O': 1681 MB per rank staged in 0.22 s); 0: omit"),
+    ("--full-write-mb-s", 339.0,
+     "the full layout: rank 0's gather + torch.save bandwidth, MB/s (README "
+     "'Checkpoint I/O': 3359 MB in 9.92 s); 0: omit"),
+    ("--recovery-kill-s", 26.5, "node killed -> next step, s (README 'Elastic recovery')"),
+    ("--recovery-drain-s", 33.3, "drain deadline -> next step, s (README 'Elastic recovery')"),
+]  # fmt: skip
 
 
 @dataclass
@@ -164,38 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=["tips_b14", "tips_g14"])
     ap.add_argument("--gpus", nargs="+", type=int, default=[64, 256, 1024])
-    ap.add_argument(
-        "--b14-img-s", type=float, default=575.0,
-        help="tips_b14 images/s on one GPU (README 'GPU step': H200, batch 256, bf16)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--img-s-per-core", type=float, default=287.5,
-        help="data pipeline images/s per CPU core (README 'Data throughput': Ray Data, "
-        "epoch 2, 575 img/s on 2 cores, 1x224 + 6x98 crops of ~500x400 JPEGs)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--dcp-write-mb-s", type=float, default=215.0,
-        help="per-rank DCP write bandwidth, MB/s (README 'Checkpoint I/O': "
-        "benchmarks/checkpoint_io.py, dcp_sync, 2 ranks on one local disk); 0: omit",
-    )  # fmt: skip
-    ap.add_argument(
-        "--dcp-stage-mb-s", type=float, default=7640.0,
-        help="per-rank async-DCP staging bandwidth (the stall), MB/s (README 'Checkpoint "
-        "I/O': 1681 MB per rank staged in 0.22 s); 0: omit",
-    )  # fmt: skip
-    ap.add_argument(
-        "--full-write-mb-s", type=float, default=339.0,
-        help="the full layout: rank 0's gather + torch.save bandwidth, MB/s (README "
-        "'Checkpoint I/O': 3359 MB in 9.92 s); 0: omit",
-    )  # fmt: skip
-    ap.add_argument(
-        "--recovery-kill-s", type=float, default=26.5,
-        help="node killed -> next step, s (README 'Elastic recovery')",
-    )  # fmt: skip
-    ap.add_argument(
-        "--recovery-drain-s", type=float, default=33.3,
-        help="drain deadline -> next step, s (README 'Elastic recovery')",
-    )  # fmt: skip
+    for flag, default, help_ in MEASURED:
+        ap.add_argument(flag, type=float, default=default, help=help_)
     ap.add_argument(
         "--interruptions", nargs="+", type=float, default=[0.05, 0.20],
         help="spot interruptions per node per month (AWS Spot Instance Advisor bands)",
@@ -206,20 +198,8 @@ def main() -> None:
 
     figures = [model_figures(r) for r in args.recipes]
     base = next((f for f in figures if f.recipe == "tips_b14"), None) or model_figures("tips_b14")
-    print("## Models (computed from the recipes)\n")
-    print("| recipe | student params | model state (fp32) | Adafactor state | checkpoint | "
-          "GFLOP / image (step) | GPU img/s |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    rates = {}
-    for f in figures:
-        rate = args.b14_img_s * base.gflop_per_image / f.gflop_per_image
-        rates[f.recipe] = rate
-        est = "" if f.recipe == "tips_b14" else " (est.)"
-        print(
-            f"| {f.recipe} | {f.student_params / 1e6:.0f}M | {_fmt_bytes(f.state_bytes)} | "
-            f"{_fmt_bytes(f.optim_bytes)} | {_fmt_bytes(f.state_bytes + f.optim_bytes)} | "
-            f"{f.gflop_per_image:.0f} | {rate:.0f}{est} |"
-        )
+    rates = {f.recipe: args.b14_img_s * base.gflop_per_image / f.gflop_per_image for f in figures}
+    _models_table(figures, rates)
     tasks_s = args.ray_data_tasks_s
     if args.measure_ray_data:
         tasks_s = measure_ray_data_tasks()
@@ -229,12 +209,20 @@ def main() -> None:
     _ray_table(args, figures, rates, tasks_s)
 
 
+def _models_table(figures: list[ModelFigures], rates: dict[str, float]) -> None:
+    rows = []
+    for f in figures:
+        est = "" if f.recipe == "tips_b14" else " (est.)"
+        rows.append([f.recipe, f"{f.student_params / 1e6:.0f}M", _fmt_bytes(f.state_bytes),
+                     _fmt_bytes(f.optim_bytes), _fmt_bytes(f.state_bytes + f.optim_bytes),
+                     f"{f.gflop_per_image:.0f}", f"{rates[f.recipe]:.0f}{est}"])  # fmt: skip
+    print("## Models (computed from the recipes)\n")
+    print(markdown_table(["recipe", "student params", "model state (fp32)", "Adafactor state",
+                          "checkpoint", "GFLOP / image (step)", "GPU img/s"], rows))  # fmt: skip
+
+
 def _plan_table(args, figures: list[ModelFigures], rates: dict[str, float]) -> None:
-    print("\n## Per scale: step, data CPUs, checkpoints\n")
-    print("| recipe | GPUs | batch / GPU | step | run | CPU cores / GPU | checkpoint shard / "
-          "rank | write (DCP) | stall (async DCP) | today: rank 0 writes all | "
-          "checkpoint interval |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for f in figures:
         ckpt = f.state_bytes + f.optim_bytes
         for n in args.gpus:
@@ -243,20 +231,18 @@ def _plan_table(args, figures: list[ModelFigures], rates: dict[str, float]) -> N
             write = f"{shard / 1e6 / args.dcp_write_mb_s:.1f} s" if args.dcp_write_mb_s else "-"
             stall = f"{shard / 1e6 / args.dcp_stage_mb_s:.2f} s" if args.dcp_stage_mb_s else "-"
             full = f"{ckpt / 1e6 / args.full_write_mb_s:.0f} s" if args.full_write_mb_s else "-"
-            print(
-                f"| {f.recipe} | {n} | {f.global_batch / n:.0f} | {step:.2f} s | "
-                f"{_fmt_s(step * f.total_steps)} | {rates[f.recipe] / args.img_s_per_core:.2f} | "
-                f"{_fmt_bytes(shard)} | {write} | {stall} | {full} | "
-                f"{_fmt_s(step * f.checkpoint_every)} |"
-            )
+            rows.append([f.recipe, n, f"{f.global_batch / n:.0f}", f"{step:.2f} s",
+                         _fmt_s(step * f.total_steps),
+                         f"{rates[f.recipe] / args.img_s_per_core:.2f}", _fmt_bytes(shard),
+                         write, stall, full, _fmt_s(step * f.checkpoint_every)])  # fmt: skip
+    print("\n## Per scale: step, data CPUs, checkpoints\n")
+    print(markdown_table(["recipe", "GPUs", "batch / GPU", "step", "run", "CPU cores / GPU",
+                          "checkpoint shard / rank", "write (DCP)", "stall (async DCP)",
+                          "today: rank 0 writes all", "checkpoint interval"], rows))  # fmt: skip
 
 
 def _preemption_table(args, figures: list[ModelFigures], rates: dict[str, float]) -> None:
-    print("\n## Spot preemptions: expected per day and work lost\n")
-    print("| recipe | GPUs | nodes | interruptions / node / month | preemptions / day | "
-          "lost per preemption, notice (GPU-h) | lost, no notice (GPU-h) | "
-          "lost / day, no notice |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for f in figures:
         for n in args.gpus:
             nodes = math.ceil(n / GPUS_PER_NODE)
@@ -266,27 +252,27 @@ def _preemption_table(args, figures: list[ModelFigures], rates: dict[str, float]
             for rate in args.interruptions:
                 per_day = nodes * rate / 30
                 lost_frac = per_day * kill_h / (n * 24)
-                print(
-                    f"| {f.recipe} | {n} | {nodes} | {rate:.0%} | {per_day:.2f} | "
-                    f"{notice_h:.1f} | {kill_h:.1f} | {lost_frac:.2%} |"
-                )
+                rows.append([f.recipe, n, nodes, f"{rate:.0%}", f"{per_day:.2f}",
+                             f"{notice_h:.1f}", f"{kill_h:.1f}", f"{lost_frac:.2%}"])  # fmt: skip
+    print("\n## Spot preemptions: expected per day and work lost\n")
+    print(markdown_table(["recipe", "GPUs", "nodes", "interruptions / node / month",
+                          "preemptions / day", "lost per preemption, notice (GPU-h)",
+                          "lost, no notice (GPU-h)", "lost / day, no notice"], rows))  # fmt: skip
 
 
 def _ray_table(args, figures, rates, tasks_s: float) -> None:
-    print("\n## Ray load per scale\n")
-    print("| recipe | GPUs | images/s (cluster) | map tasks/s (256 rows) | "
-          "share of one executor | object store in, per node |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for f in figures:
         for n in args.gpus:
             img_s = n * rates[f.recipe]
             tasks = img_s / 256
             share = f"{tasks / tasks_s:.1f}x" if tasks_s else "-"
             node_in = GPUS_PER_NODE * rates[f.recipe] * SAMPLE_BYTES
-            print(
-                f"| {f.recipe} | {n} | {img_s:,.0f} | {tasks:.0f} | {share} | "
-                f"{node_in / 1e9:.2f} GB/s |"
-            )
+            rows.append([f.recipe, n, f"{img_s:,.0f}", f"{tasks:.0f}", share,
+                         f"{node_in / 1e9:.2f} GB/s"])  # fmt: skip
+    print("\n## Ray load per scale\n")
+    print(markdown_table(["recipe", "GPUs", "images/s (cluster)", "map tasks/s (256 rows)",
+                          "share of one executor", "object store in, per node"], rows))  # fmt: skip
 
 
 if __name__ == "__main__":
