@@ -17,12 +17,11 @@ import numpy as np
 
 from orchestrator.data.pipeline import (
     _REASON_COLUMN,
-    _unit_items,
-    plan_stream,
     process_unit,
     record_processor,
     record_settings,
 )
+from orchestrator.data.plan import plan_stream, unit_items
 from orchestrator.data.shards import BadRecord
 
 if TYPE_CHECKING:
@@ -88,7 +87,7 @@ def scan_for_usable_record(
     counts: Counter[str] = Counter()
     order, _ = plan.order(0)
     for unit in order:
-        for item, width in _unit_items(plan, int(unit), 0, plan.storage, columns):
+        for item, width in unit_items(plan, int(unit), 0, plan.storage, columns):
             if isinstance(item, BadRecord):
                 counts[_REASON_COLUMN.get(item.reason, "skipped_unreadable")] += width
                 continue
@@ -117,7 +116,7 @@ def caption_kinds_sample(cfg: TipsConfig, limit: int = 256) -> tuple[Counter, in
     read = 0
     order, _ = plan.order(0)
     for unit in order:
-        for item, _width in _unit_items(plan, int(unit), 0, plan.storage, ["captions"]):
+        for item, _width in unit_items(plan, int(unit), 0, plan.storage, ["captions"]):
             if isinstance(item, BadRecord):
                 continue
             read += 1

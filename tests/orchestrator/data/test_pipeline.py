@@ -13,9 +13,9 @@ from orchestrator.data.pipeline import (
     STAT_COLUMNS,
     build_dataset,
     build_train_stream,
-    plan_stream,
     pop_data_stats,
 )
+from orchestrator.data.plan import plan_stream
 from orchestrator.data.shards import ShardWriter
 from orchestrator.data.synthetic import make_record, write_synthetic
 
