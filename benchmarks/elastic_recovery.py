@@ -12,14 +12,21 @@ to worker-2:
 
 * ``kill``     the node dies without notice (``ray stop``-like SIGKILL of its processes);
 * ``preempt``  a spot notice: the node is drained as PREEMPTION with a 30 s deadline; the
-               workers write a checkpoint at once and again ``train.preemption_margin_s``
-               (5 s here) before the deadline, when the node's processes are killed;
+               workers write a checkpoint at once and, with ``train.preemption_restart=
+               checkpoint`` (the default), the controller restarts the group at once on the
+               node that stays (orchestrator/train/preemption.py); the drained node, idle,
+               leaves before its deadline;
+* ``preempt-deadline``  the same notice with ``train.preemption_restart=deadline`` (Ray's
+               own behaviour): the workers train on, checkpoint again
+               ``train.preemption_margin_s`` (5 s here) before the deadline, when the node's
+               processes are killed, and Ray restarts the group once it is gone;
 * ``return``   after a ``kill``, a new worker node joins later: seconds from the node's
                arrival to the first step trained on 2 workers again.
 
 First table: seconds of notice, seconds from the node being gone (a kill) or from the
-drain deadline (a preemption) to the first step completed by the resized group (rank 0's
-``metrics.jsonl``), steps redone (trained by the old group and again by the new one), and
+drain deadline (a preemption; negative: the resized group was training before the deadline)
+to the first step completed by the resized group (rank 0's ``metrics.jsonl``), the same
+from the notice, steps redone (trained by the old group and again by the new one), and
 the world size before and after. Second table: those seconds by phase (``PHASES``), read
 from the cluster's session logs: the GCS declaring the node dead (polled here), the Train
 controller's restart decision and worker-group start-up (its JSON log on the head), the
@@ -63,6 +70,15 @@ def _history(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# per case: the run's extra overrides, and the node's fate
+CASES = {
+    "kill": [],
+    "preempt": ["train.preemption_restart=checkpoint"],
+    "preempt-deadline": ["train.preemption_restart=deadline"],
+    "return": [],
+}
+
+
 def _train_cmd(shards: Path, runs: Path, name: str, steps: int) -> list[str]:
     return [
         sys.executable, "-m", "orchestrator", "train",
@@ -78,6 +94,7 @@ def _train_cmd(shards: Path, runs: Path, name: str, steps: int) -> list[str]:
         "scaling.min_workers=1", "scaling.max_workers=2",
         "scaling.resources_per_worker={CPU: 0.5, trainer: 1}",
         "scaling.resize_check_interval_s=10",
+        *CASES[name],
     ]  # fmt: skip
 
 
@@ -195,7 +212,7 @@ def run_case(case: str, shards: Path, at_step: int, steps: int, timeout_s: int |
             threading.Thread(
                 target=_watch_death, args=(cluster.address, node_id, events), daemon=True
             ).start()
-            if case == "preempt":
+            if case.startswith("preempt"):
                 events["deadline"] = events["event"] + DEADLINE_S
                 cluster.preempt("worker-2", deadline_s=DEADLINE_S)  # returns once it is gone
             else:
@@ -237,12 +254,16 @@ def run_case(case: str, shards: Path, at_step: int, steps: int, timeout_s: int |
     # a drain is timed from its deadline: the moment a spot node is taken away
     start = events.get("deadline", events["gone"])
     marks = _marks(Path(cluster.root), events, first_after, int(first_after["train/world_size"]))
+    first_step = first_after["time/first_step_unix"]
     out = {
         "case": case,
         "marks": marks,
-        "start": start,
-        "seconds": first_after["time/first_step_unix"] - start,
-        "notice_s": events["gone"] - t_event,
+        # phases count from the node's loss, or from the notice when the restart began
+        # before the node left (an early preemption restart)
+        "start": start if (marks["restart"] or start) >= start else t_event,
+        "seconds": first_step - start,
+        "from_notice_s": first_step - t_event,
+        "notice_s": start - t_event,
         "redone": last_old - int(first_after["train/step"]) + 1,
         "ws_before": ws_before,
         "ws_after": int(first_after["train/world_size"]),
@@ -284,7 +305,7 @@ def main() -> None:
         default=None,
         help="sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (else the driver sets it)",
     )
-    ap.add_argument("--cases", default="kill,preempt,return")
+    ap.add_argument("--cases", default="kill,preempt,preempt-deadline,return")
     args = ap.parse_args()
 
     from orchestrator.data.synthetic import write_synthetic
@@ -306,12 +327,13 @@ def main() -> None:
     )
     print(
         "| event | notice (s) | node gone (kill) or drain deadline -> next step (s) "
-        "| steps redone | workers before -> after | finished |"
+        "| event -> next step (s) | steps redone | workers before -> after | finished |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['case']} | {r['notice_s']:.1f} | {r['seconds']:.1f} | {r['redone']} | "
+            f"| {r['case']} | {r['notice_s']:.1f} | {r['seconds']:.1f} | "
+            f"{r['from_notice_s']:.1f} | {r['redone']} | "
             f"{r['ws_before']} -> {r['ws_after']} | {r['finished']} |"
         )
     _breakdown(results)

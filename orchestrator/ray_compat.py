@@ -27,13 +27,18 @@ Private APIs used, and why there is no public one (Ray 2.60.0):
   refreshes that view only every ``_AutoscalingCoordinatorActor.TICK_INTERVAL_S`` (20 s);
   ``get_reserved_resources(requester_id, recompute=True)`` refreshes it at once. The train
   driver calls it when a node dies or joins (orchestrator/train/driver.py ``NodeWatch``), and
-  the Train controller right before it acts on a failure (``coordinator_refresh_callback``),
-  so a restart does not size itself from a node that is already gone. No public API
-  reaches it.
-* ``ray.train.v2._internal.execution.callback.ControllerCallback`` (a DeveloperAPI; a
-  callback in ``RunConfig.callbacks`` that is not a ``ray.train.UserCallback`` reaches the
-  controller as is): its ``before_controller_execute_failure_decision`` hook runs in the
-  controller between a failure and the restart's sizing; ``UserCallback`` has no such hook.
+  the Train controller right before it acts on a failure (``recovery_callback``), so a
+  restart does not size itself from a node that is already gone. No public API reaches it.
+* ``ray.train.v2._internal.execution.callback.ControllerCallback`` and ``ReportCallback``
+  (DeveloperAPIs; a callback in ``RunConfig.callbacks`` that is not a
+  ``ray.train.UserCallback`` reaches the controller as is): ``recovery_callback`` uses
+  ``before_controller_execute_failure_decision`` (between a failure and the restart's
+  sizing), ``before_controller_execute_resize_decision`` (the decision object is used after
+  the hook: its ``num_workers`` can be lowered), ``after_controller_start`` (the
+  controller's own ``RunConfig``), ``after_controller_state_update`` and ``after_report``;
+  and the fact that the controller reads ``failure_config.preemption_grace_s`` on every poll
+  of its preempting state (``TrainController._handle_preempting_state``). ``UserCallback``
+  has none of these hooks; the preempting state has no public way to end early.
 * ``ray.core.generated.gcs_pb2.GcsNodeInfo`` (``GcsNodeState.ALIVE`` / ``DEAD``, fields
   ``node_id``, ``node_manager_address``, ``temp_dir``, ``state``, ``labels``) and
   ``ray.core.generated.autoscaler_pb2.DrainNodeReason`` (``DRAIN_NODE_REASON_PREEMPTION``):
@@ -64,6 +69,7 @@ PREEMPTION_REASON = "DRAIN_NODE_REASON_PREEMPTION"
 COORDINATOR_MODULE = "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"
 COORDINATOR_ACTOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # name, namespace
 CALLBACK_MODULE = "ray.train.v2._internal.execution.callback"
+CONTROLLER_MODULE = "ray.train.v2._internal.execution.controller.controller"
 
 # (module, attribute path) of every private symbol used below; tests/test_ray_compat.py
 # imports each and checks what this module calls on it.
@@ -78,6 +84,11 @@ PRIVATE_APIS: tuple[tuple[str, str], ...] = (
     (COORDINATOR_MODULE, "_AutoscalingCoordinatorActor.get_reserved_resources"),
     (COORDINATOR_MODULE, "get_or_create_autoscaling_coordinator"),
     (CALLBACK_MODULE, "ControllerCallback.before_controller_execute_failure_decision"),
+    (CALLBACK_MODULE, "ControllerCallback.before_controller_execute_resize_decision"),
+    (CALLBACK_MODULE, "ControllerCallback.after_controller_start"),
+    (CALLBACK_MODULE, "ControllerCallback.after_controller_state_update"),
+    (CALLBACK_MODULE, "ReportCallback.after_report"),
+    (CONTROLLER_MODULE, "TrainController._handle_preempting_state"),
     ("torch.distributed.checkpoint.state_dict_loader", "_load_state_dict"),
     ("torch.distributed.checkpoint.default_planner", "_EmptyStateDictLoadPlanner"),
 )
@@ -170,20 +181,91 @@ def refresh_autoscaling_coordinator(timeout_s: float = 10) -> bool:
     return True
 
 
-def coordinator_refresh_callback() -> Any:
-    """A Ray Train controller callback that refreshes the autoscaling coordinator right before
-    the controller acts on a failure: the restart that follows is sized from the nodes the
-    GCS knows by then (a node whose death failed the workers is already declared dead)."""
-    from ray.train.v2._internal.execution.callback import ControllerCallback
+def schedulable_workers(resources_per_worker: dict[str, float], timeout_s: float = 5) -> int | None:
+    """How many workers of this shape fit on the nodes that are alive and not being drained
+    (from a process connected to Ray); None when no node is draining (nothing to correct).
 
-    class RefreshBeforeRestart(ControllerCallback):
+    Node totals, not what is free: the caller takes the smaller of this and its own count.
+    Ray's node table (``ray.nodes()``) shows a draining node as alive, with nothing to say it
+    is draining [measured], and the autoscaling coordinator counts it."""
+    import ray
+
+    draining = draining_nodes(
+        gcs_client(ray.get_runtime_context().gcs_address), timeout_s=timeout_s
+    )
+    need = {name: amount for name, amount in resources_per_worker.items() if amount > 0}
+    if not draining or not need:
+        return None
+    fit = 0
+    for node in ray.nodes():
+        if node["Alive"] and node["NodeID"] not in draining:
+            have = node["Resources"]
+            fit += int(min(have.get(name, 0.0) // amount for name, amount in need.items()))
+    return fit
+
+
+def recovery_callback(min_workers: int, restart_key: str) -> Any:
+    """The Ray Train controller callback of an elastic run (docs/ray.md, "Recovery time"):
+
+    * right before the controller acts on a failure it refreshes the autoscaling
+      coordinator, so the restart is sized from the nodes the GCS knows by then (a node
+      whose death failed the workers is already declared dead);
+    * a restart's size leaves out nodes that are being drained: the coordinator counts them,
+      and a group asked of them waits out the worker-group start timeout and is retried;
+    * when a report carries ``restart_key`` (the workers' preemption checkpoint is written:
+      orchestrator/train/preemption.py) while a drain is on, the controller restarts the
+      group at once instead of at the drain deadline. Ray Train decides that moment in its
+      preempting state from the run's ``FailureConfig.preemption_grace_s``, read on every
+      poll from the object ``after_controller_start`` hands us (the controller's own
+      ``RunConfig``): the callback makes it minus a day for that one drain and puts it back
+      when the controller leaves the preempting state. No hook can end the preempting state
+      otherwise: a worker that returns ends the run, one that raises is charged to
+      ``max_failures``; this way the restart is a preemption, on its own budget."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
+
+    log = logging.getLogger(__name__)
+
+    class Recovery(ControllerCallback, ReportCallback):
+        def __init__(self) -> None:
+            self._failure_config: Any = None
+            self._grace_s = 0.0
+
+        def after_controller_start(self, train_run_context: Any) -> None:
+            self._failure_config = train_run_context.run_config.failure_config
+            self._grace_s = self._failure_config.preemption_grace_s
+
+        def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
+            asked = any(m.get(restart_key) for m in metrics if m)
+            if asked and training_report.checkpoint is not None and self._failure_config:
+                log.info("preemption checkpoint written: restarting without the drained node")
+                self._failure_config.preemption_grace_s = -86400.0
+
+        def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+            preempting = "PreemptingState"
+            left = type(previous_state).__name__ == preempting != type(current_state).__name__
+            if left and self._failure_config is not None:
+                self._failure_config.preemption_grace_s = self._grace_s
+
         def before_controller_execute_failure_decision(self, failure_decision: Any) -> None:
             try:
                 refresh_autoscaling_coordinator(timeout_s=5)
             except Exception as e:  # noqa: BLE001 (the restart still works from the old view)
-                logging.getLogger(__name__).warning("autoscaling coordinator not refreshed: %s", e)
+                log.warning("autoscaling coordinator not refreshed: %s", e)
 
-    return RefreshBeforeRestart()
+        def before_controller_execute_resize_decision(self, resize_decision: Any) -> None:
+            try:
+                fit = schedulable_workers(resize_decision.resources_per_worker)
+            except Exception as e:  # noqa: BLE001 (then Ray's own count stands)
+                log.warning("draining nodes not read: %s", e)
+                return
+            if fit is not None and max(1, min_workers) <= fit < resize_decision.num_workers:
+                log.info(
+                    "%d workers fit on nodes that are not draining (asked %d)",
+                    fit, resize_decision.num_workers,
+                )  # fmt: skip
+                resize_decision.num_workers = fit
+
+    return Recovery()
 
 
 def dcp_load_whole(storage_reader: Any) -> dict[str, Any]:

@@ -73,6 +73,26 @@ def test_each_private_api_still_exists(module, attr):
             ["self", "failure_decision"],
         ),
         (
+            ray_compat.CALLBACK_MODULE,
+            "ControllerCallback.before_controller_execute_resize_decision",
+            ["self", "resize_decision"],
+        ),
+        (
+            ray_compat.CALLBACK_MODULE,
+            "ControllerCallback.after_controller_start",
+            ["self", "train_run_context"],
+        ),
+        (
+            ray_compat.CALLBACK_MODULE,
+            "ControllerCallback.after_controller_state_update",
+            ["self", "previous_state", "current_state"],
+        ),
+        (
+            ray_compat.CALLBACK_MODULE,
+            "ReportCallback.after_report",
+            ["self", "training_report", "metrics"],
+        ),
+        (
             "torch.distributed.checkpoint.state_dict_loader",
             "_load_state_dict",
             ["state_dict", "storage_reader", "no_dist", "planner"],
@@ -93,6 +113,66 @@ def test_autoscaling_coordinator_actor_has_the_name_ray_compat_looks_up():
     )
     name, namespace = ray_compat.COORDINATOR_ACTOR
     assert f'name="{name}"' in source and f'namespace="{namespace}"' in source, CHECKED
+
+
+def test_controller_reads_the_preemption_grace_recovery_callback_changes():
+    """recovery_callback ends a drain's preempting state early by lowering the
+    ``preemption_grace_s`` of the controller's own RunConfig: the controller must keep that
+    object (not a copy) and read the field on every poll of the preempting state, and the
+    field must stay writable."""
+    import dataclasses
+
+    from ray.train import FailureConfig
+
+    controller = _resolve(ray_compat.CONTROLLER_MODULE, "TrainController")
+    init = inspect.getsource(controller.__init__)
+    assert "self._run_config = self._train_run_context.run_config" in init, CHECKED
+    handle = inspect.getsource(controller._handle_preempting_state)
+    assert "self._run_config.failure_config.preemption_grace_s" in handle, CHECKED
+    resize = inspect.getsource(controller._execute_resize_decision)
+    hook = resize.index('"before_controller_execute_resize_decision"')
+    assert resize.index("num_workers=decision.num_workers") > hook, CHECKED
+    config = FailureConfig()
+    assert "preemption_grace_s" in {f.name for f in dataclasses.fields(config)}, CHECKED
+    config.preemption_grace_s = -1.0  # not frozen
+    assert config.preemption_grace_s == -1.0
+
+
+def test_recovery_callback_restarts_only_for_a_checkpointed_drain_report():
+    from ray.train import Checkpoint, FailureConfig, RunConfig
+
+    callback = ray_compat.recovery_callback(min_workers=1, restart_key="restart")
+    run_config = RunConfig(failure_config=FailureConfig(preemption_grace_s=3.0))
+
+    class Context:  # the one attribute the hook reads of a TrainRunContext
+        pass
+
+    ctx = Context()
+    ctx.run_config = run_config
+    callback.after_controller_start(ctx)
+
+    class Report:
+        def __init__(self, checkpoint):
+            self.checkpoint = checkpoint
+
+    ckpt = Checkpoint("/tmp/none")
+    callback.after_report(Report(ckpt), [{"loss": 1.0}])
+    assert run_config.failure_config.preemption_grace_s == 3.0
+    callback.after_report(Report(None), [{"restart": 1.0}])  # no checkpoint in it
+    assert run_config.failure_config.preemption_grace_s == 3.0
+    callback.after_report(Report(ckpt), [{"restart": 1.0}, {"restart": 1.0}])
+    assert run_config.failure_config.preemption_grace_s < -3600
+
+    class PreemptingState:
+        pass
+
+    class RestartingState:
+        pass
+
+    callback.after_controller_state_update(RestartingState(), PreemptingState())
+    assert run_config.failure_config.preemption_grace_s < -3600  # still this drain
+    callback.after_controller_state_update(PreemptingState(), RestartingState())
+    assert run_config.failure_config.preemption_grace_s == 3.0  # the next drain waits again
 
 
 def test_gcs_client_wraps_the_inner_client():

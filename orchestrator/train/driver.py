@@ -37,6 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator import config as config_lib
 from orchestrator import ray_compat
+from orchestrator.train import preemption
 from orchestrator.train import state as ckpt
 
 logger = logging.getLogger(__name__)
@@ -135,10 +136,12 @@ def train_env(cfg: config_lib.TipsConfig) -> dict[str, str]:
 
 
 def _recovery_callbacks(cfg: config_lib.TipsConfig) -> list[Any]:
-    """Elastic runs: the controller refreshes Ray's view of the nodes before each restart."""
+    """Elastic runs: the controller refreshes Ray's view of the nodes before each restart,
+    sizes restarts without draining nodes, and restarts at once when the workers' preemption
+    checkpoint is written (``ray_compat.recovery_callback``; orchestrator/train/preemption.py)."""
     if cfg.scaling.min_workers == cfg.scaling.max_workers:
         return []
-    return [ray_compat.coordinator_refresh_callback()]
+    return [ray_compat.recovery_callback(cfg.scaling.min_workers, preemption.RESTART_KEY)]
 
 
 class NodeWatch:

@@ -60,6 +60,7 @@ from orchestrator.train.metrics import (
 )
 from orchestrator.train.optim import build_optimizer, build_schedules, set_lr
 from orchestrator.train.parallel import wrap_for_distributed
+from orchestrator.train.preemption import PreemptionWatch, agreed, restart_marker
 from orchestrator.train.state import (
     CheckpointError,
     TrainState,
@@ -200,7 +201,7 @@ def _steps(w: Worker) -> None:
         )
     )
     meter, throughput = IntervalMeter(), Throughput()
-    preemption = PreemptionWatch(w.cfg)
+    preemption = PreemptionWatch(w.cfg, w.rank, w.world_size)
     last_report = time.monotonic()
     first_step_unix = 0.0  # when this worker group finished its first step (start-up cost)
     while w.state.step < w.plan.total_steps:
@@ -211,7 +212,7 @@ def _steps(w: Worker) -> None:
         first_step_unix = first_step_unix or time.time()
         w.state.data_position = position  # this rank's; all agree at log steps
         throughput.samples(w.plan.per_rank_batch)
-        preempted = preemption.due(w)
+        preempted = preemption.due(w.state.step, w.device, w.distributed)
         last = w.state.step >= w.plan.total_steps
         want_ckpt = last or preempted or w.state.step % w.cfg.train.checkpoint_every_steps == 0
         every = w.cfg.train.eval_every_steps
@@ -224,11 +225,14 @@ def _steps(w: Worker) -> None:
             _log_metrics(w, metrics, want_eval)
             t_save = time.monotonic()
             directory = _save(w, wait=last or preempted) if want_ckpt else None
+            restart = restart_marker(preemption, preempted)  # before .saved(): first only
             if want_ckpt or want_eval or _report_due(last_report, w.cfg, w.device, w.distributed):
-                _report(w, metrics, directory, want_ckpt)
+                _report(w, {**metrics, **restart}, directory, want_ckpt)
                 last_report = time.monotonic()
             if preempted:
-                preemption.saved(w, time.monotonic() - t_save)
+                preemption.saved(w.state.step, time.monotonic() - t_save, bool(restart))
+            if restart:
+                preemption.wait_for_restart()
 
 
 def _setup(loop_config: dict[str, Any]) -> Worker:
@@ -530,53 +534,6 @@ def _stored_checkpoint(w: Worker, uri: str) -> ray.train.Checkpoint:
     )
 
 
-class PreemptionWatch:
-    """A node drain (spot preemption) seen by Ray: one checkpoint at once, and a second just
-    before the deadline, so a preemption loses ~the margin, not a checkpoint interval."""
-
-    def __init__(self, cfg: config_lib.TipsConfig) -> None:
-        self.every = max(1, cfg.train.preemption_check_every_steps)
-        self.margin_s = cfg.train.preemption_margin_s
-        self.saved_once = False
-        self.deadline: float | None = None  # unix seconds when the drained node goes
-        self.saved_before_deadline = False
-        self.checkpoint_s = 0.0  # how long the just-in-time checkpoint took
-
-    def due(self, w: Worker) -> bool:
-        if w.state.step % self.every == 0 and not self.saved_once:
-            info = ray.train.get_preemption_info()
-            if info is not None and info.deadline_ms:
-                self.deadline = info.deadline_ms / 1000.0
-            return info is not None
-        if self.deadline is not None and not self.saved_before_deadline:
-            margin = self.margin_s + 2 * self.checkpoint_s
-            near = _agreed(time.time() >= self.deadline - margin, w.device, w.distributed)
-            self.saved_before_deadline = near
-            return near
-        return False
-
-    def saved(self, w: Worker, seconds: float) -> None:
-        self.checkpoint_s = max(self.checkpoint_s, seconds)
-        if w.rank == 0 and not self.saved_once:
-            left = f"{self.deadline - time.time():.0f} s" if self.deadline else "?"
-            logger.warning(
-                "node drain detected: checkpoint at step %d saved (deadline in %s)",
-                w.state.step, left,
-            )  # fmt: skip
-        elif w.rank == 0:
-            logger.warning("drain deadline near: checkpoint at step %d saved", w.state.step)
-        self.saved_once = True
-
-
-def _agreed(flag: bool, device: torch.device, distributed: bool) -> bool:
-    """Rank 0's ``flag`` on every rank (decisions that lead to a collective call)."""
-    if not distributed:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def _report_due(
     last_report: float, cfg: config_lib.TipsConfig, device: torch.device, distributed: bool
 ) -> bool:
@@ -588,7 +545,7 @@ def _report_due(
     with a 40 ms step and a report every 10 steps that cost 80% of the time (benchmarks/
     train_overhead.py). Local logging is not gated.
     """
-    return _agreed(
+    return agreed(
         time.monotonic() - last_report >= cfg.train.report_min_interval_s, device, distributed
     )
 

@@ -109,14 +109,21 @@ def test_node_loss_continues_with_fewer_workers(shards, tmp_path):
     assert rows[-1]["data/samples_seen"] == 30 * 8  # global batch unchanged across the resize
 
 
-def test_drain_makes_workers_checkpoint_before_the_node_goes(shards, tmp_path):
+@pytest.mark.parametrize("restart", ["checkpoint", "deadline"])
+def test_drain_makes_workers_checkpoint_before_the_node_goes(shards, tmp_path, restart):
     runs = tmp_path / "runs"
+    notice: list[float] = []
+    # checkpoint: long enough a notice for a restart on these 2 cores (~20 s measured)
+    deadline_s = 45 if restart == "checkpoint" else 15
+
+    def preempt() -> None:
+        notice.append(time.time())
+        cluster.preempt("worker-2", deadline_s=deadline_s)
+
     with _elastic_cluster("it-drain") as cluster:
         done: list[str] = []
         drain = threading.Thread(
-            target=_when_checkpoint,
-            args=(runs / "drain", 4, lambda: cluster.preempt("worker-2", deadline_s=15), done),
-            daemon=True,
+            target=_when_checkpoint, args=(runs / "drain", 4, preempt, done), daemon=True
         )
         drain.start()
         proc = subprocess.run(
@@ -124,20 +131,33 @@ def test_drain_makes_workers_checkpoint_before_the_node_goes(shards, tmp_path):
              *_train_args(shards, runs, "drain", *ELASTIC, "train.total_steps=60",
                           "train.checkpoint_every_steps=4",
                           "train.preemption_check_every_steps=1",
+                          f"train.preemption_restart={restart}",
                           "run.num_checkpoints_to_keep=100")],
             cwd=ROOT, env=_env(cluster), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
-        drain.join(timeout=30)
+        drain.join(timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert done
+    out = proc.stdout + proc.stderr
     steps = sorted(int(p.name.split("_")[1]) for p in (runs / "drain").glob("checkpoint_0*"))
     # A checkpoint off the every-4 cadence exists: the just-in-time one on the drain notice.
     assert any(s % 4 for s in steps), steps
-    assert "node drain detected" in proc.stdout + proc.stderr
-    # and again within train.preemption_margin_s (15 s) of the 15 s deadline: at once here
-    assert "drain deadline near" in proc.stdout + proc.stderr
+    assert "node drain detected" in out
     rows = read_history(runs / "drain" / "metrics.jsonl")
     assert rows[-1]["train/step"] == 60 and rows[-1]["data/samples_seen"] == 60 * 8
+    resized = [r for r in rows if r["train/world_size"] == 1]
+    assert resized, "the run never went on with one worker"
+    if restart == "checkpoint":
+        # the group restarted on the node that stays as soon as that checkpoint was written:
+        # its first step came before the drained node's deadline, no second checkpoint
+        assert "restarting without it" in out
+        assert resized[0]["time/first_step_unix"] < notice[0] + deadline_s, (resized[0], notice)
+        assert "drain deadline near" not in out
+    else:
+        # Ray's default: trained on, and checkpointed again within train.preemption_margin_s
+        # (15 s) of the 15 s deadline (at once here); restarted once the node was gone
+        assert "drain deadline near" in out
+        assert resized[0]["time/first_step_unix"] > notice[0] + 15, (resized[0], notice)
 
 
 def test_ray_job_submit_of_the_tiny_recipe(shards, tmp_path):
