@@ -167,6 +167,9 @@ class TrainConfig:
     # before its deadline: README "Elastic recovery"); "deadline" = Ray's default, the
     # group trains on, saves again near the deadline and restarts when the node is gone
     preemption_restart: str = "checkpoint"
+    # how often Ray Train's PreemptionWatcher asks the GCS for draining nodes
+    # (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S, Ray's default 5 s): one small GCS call per run
+    preemption_poll_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,9 @@ def _validate_schedule(cfg: TipsConfig, source: str) -> None:
     _require(t.report_min_interval_s >= 0, source, "train.report_min_interval_s must be >= 0")
     _require(t.preemption_margin_s >= 0, source, "train.preemption_margin_s must be >= 0")
     _require(
+        t.preemption_poll_interval_s > 0, source, "train.preemption_poll_interval_s must be > 0"
+    )
+    _require(
         t.preemption_restart in ("checkpoint", "deadline"),
         source,
         f"train.preemption_restart={t.preemption_restart!r} must be checkpoint or deadline",

@@ -126,13 +126,16 @@ def train_env(cfg: config_lib.TipsConfig) -> dict[str, str]:
     """Ray Train settings that have no ``ScalingConfig`` field, as the environment variables
     Ray reads (the trainer passes them from the driver to the controller and the workers).
 
-    Elastic runs get ``scaling.worker_group_start_timeout_s`` as the worker-group start
-    timeout; fixed-size runs keep Ray's 60 s: their restart can only wait for a replacement
-    node, and a shorter timeout would just start the same wait again."""
+    Every run: Ray Train's PreemptionWatcher polls for draining nodes every
+    ``train.preemption_poll_interval_s``. Elastic runs also get
+    ``scaling.worker_group_start_timeout_s`` as the worker-group start timeout; fixed-size
+    runs keep Ray's 60 s: their restart can only wait for a replacement node, and a shorter
+    timeout would just start the same wait again."""
     s = cfg.scaling
-    if s.min_workers == s.max_workers:
-        return {}
-    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{s.worker_group_start_timeout_s:g}"}
+    env = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": f"{cfg.train.preemption_poll_interval_s:g}"}
+    if s.min_workers < s.max_workers:
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{s.worker_group_start_timeout_s:g}"
+    return env
 
 
 def _recovery_callbacks(cfg: config_lib.TipsConfig) -> list[Any]:

@@ -23,15 +23,25 @@ def _cfg(*overrides: str):
     return load(find_recipe("tiny_cpu"), ["data.train_uri=/tmp/shards", *overrides])
 
 
+POLL = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
+
+
 def test_elastic_run_gets_the_configured_worker_group_start_timeout():
     elastic = ("scaling.min_workers=1", "scaling.max_workers=2")
-    assert train_env(_cfg(*elastic)) == {TIMEOUT: "5"}
-    assert train_env(_cfg(*elastic, "scaling.worker_group_start_timeout_s=7.5")) == {TIMEOUT: "7.5"}
+    assert train_env(_cfg(*elastic)) == {TIMEOUT: "5", POLL: "1"}
+    env = train_env(_cfg(*elastic, "scaling.worker_group_start_timeout_s=7.5"))
+    assert env[TIMEOUT] == "7.5"
 
 
 def test_fixed_size_run_keeps_rays_timeout():
     fixed = ("scaling.min_workers=2", "scaling.max_workers=2")
-    assert train_env(_cfg(*fixed, "scaling.worker_group_start_timeout_s=3")) == {}
+    assert train_env(_cfg(*fixed, "scaling.worker_group_start_timeout_s=3")) == {POLL: "1"}
+
+
+def test_every_run_polls_for_draining_nodes_as_configured():
+    assert train_env(_cfg("train.preemption_poll_interval_s=0.5"))[POLL] == "0.5"
+    with pytest.raises(ConfigError, match="train.preemption_poll_interval_s"):
+        _cfg("train.preemption_poll_interval_s=0")
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
