@@ -21,7 +21,11 @@ Layout of ``checkpoint_<step:08d>/`` (docs/design.md, "Checkpoints"):
 
 A write that dies midway leaves no ``.metadata`` or no ``train_state.json``, or a ``.metadata``
 naming shard files that are missing or short: ``sharded_problem`` says so and
-``state.newest_checkpoint`` takes the previous checkpoint.
+``state.newest_checkpoint`` takes the previous checkpoint. What it left is removed, by rank 0:
+when the next worker group starts (``remove_unfinished``: the directories newer
+than the newest complete one that have no ``train_state.json``), and before a save writes into
+a ``checkpoint_<step>`` that exists and is not complete (stale shards or ``.metadata`` of the
+dead write would otherwise sit beside the new ones).
 
 Asynchronous save: ``save`` copies this rank's state to host memory (DCP's staging, into
 buffers kept from the previous save: the only stall), then a background thread writes the
@@ -44,7 +48,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import pickle
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -56,6 +62,7 @@ import torch.distributed.checkpoint as dcp
 from orchestrator.storage import filesystem, is_s3, join_uri, write_text
 from tips_model.checkpoints import CheckpointError
 
+logger = logging.getLogger(__name__)
 METADATA_FILE = ".metadata"  # DCP's index (torch.distributed.checkpoint.filesystem)
 SHARD_SUFFIX = ".distcp"  # DCP's shard files: __<rank>_<n>.distcp
 SHARDED_MARKERS = ("config.yaml", "train_state.json")  # rank 0, after .metadata, in order
@@ -65,6 +72,7 @@ __all__ = [
     "is_sharded",
     "load_sharded",
     "read_full_state",
+    "remove_unfinished",
     "sharded_problem",
 ]
 
@@ -150,6 +158,69 @@ def sharded_problem(uri: str, storage: Any | None = None) -> str | None:
         if info.size < needed.get(name, 1):
             return f"{name}: {info.size} bytes, shorter than {needed.get(name, 1)} (truncated)"
     return None
+
+
+def _is_full_layout(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(f"{path}/model.pt").type == pafs.FileType.File
+
+
+def _clear_unfinished(uri: str, storage: Any) -> None:
+    """Remove ``uri`` when it exists and is not a complete sharded checkpoint: a write of
+    this step that died (nothing of this run writes there now: this rank's previous write
+    has finished), whose stale shards or ``.metadata`` would sit beside the new ones.
+
+    Rank 0, before its ``dcp.save``: no rank writes a shard before the global plan, which
+    rank 0 makes after this, and rank 0's own planning creates the directory again
+    (``prepare_local_plan``). A complete one is left for DCP to overwrite, and so is a
+    full-layout one (``model.pt``: ``state.checkpoint_problem`` judges those).
+    """
+    fs, path = filesystem(uri, storage)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound or _is_full_layout(fs, path):
+        return
+    problem = sharded_problem(uri, storage)
+    if problem is not None:
+        logger.warning("%s: %s; removing it before writing this step again", uri, problem)
+        fs.delete_dir(path)
+
+
+def remove_unfinished(run_uri: str, storage: Any | None = None) -> list[str]:
+    """Delete the run's checkpoint directories newer than its newest complete one (all of
+    them when none is) whose write never finished, with one warning naming them; their URIs.
+
+    Unfinished means no ``train_state.json``, the marker written last, after all of a
+    checkpoint's other files, in both layouts (``state.persist_checkpoint`` for the full
+    one). Newest first: a directory that has it and passes ``sharded_problem`` (or is a
+    full-layout one) ends the scan, so neither a complete checkpoint nor the one resumed
+    from (``state.newest_checkpoint``'s choice) is ever removed; one that has it but fails
+    is damaged, not unfinished: kept (``newest_checkpoint`` names it; the save of its step
+    replaces it, ``_clear_unfinished``).
+
+    Only where no writer of this run can be alive: a directory is also unfinished while an
+    asynchronous write into it still runs (``ShardedCheckpointer._remove_unfinished``).
+    """
+    fs, path = filesystem(run_uri, storage)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    found = []  # the listing of state.list_checkpoints (state imports this module)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint_\d+", name):
+            found.append((int(name.split("_")[1]), name))
+    unfinished = []
+    for _, name in sorted(found, reverse=True):
+        ckpt = f"{path}/{name}"
+        if fs.get_file_info(f"{ckpt}/{SHARDED_MARKERS[-1]}").type != pafs.FileType.File:
+            unfinished.append(join_uri(run_uri, name))
+        elif _is_full_layout(fs, ckpt) or sharded_problem(join_uri(run_uri, name), storage) is None:
+            break  # complete: the one resumed from; older ones stay as they are
+    if unfinished:
+        logger.warning(
+            "removing %d unfinished checkpoint(s) newer than the newest complete one (their "
+            "write died before train_state.json): %s", len(unfinished), ", ".join(unfinished)
+        )  # fmt: skip
+    for uri in unfinished:
+        fs.delete_dir(filesystem(uri, storage)[1])
+    return unfinished
 
 
 def _state_dicts(objective: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -274,11 +345,27 @@ class ShardedCheckpointer:
         self.group = dist.new_group(backend="gloo") if distributed else None
         # and ``ready``'s agreement, on the loop's thread, on neither of the two
         self._agree = dist.new_group(backend="gloo") if distributed else None
+        self._remove_unfinished()
         self.no_dist = not distributed
         self._executor = ThreadPoolExecutor(1, "tips-ckpt") if async_save else None
         self._stager = _ReusedStager()
         self._pending: _Pending | None = None
         self._complete: list[tuple[int, str]] = []
+
+    def _remove_unfinished(self) -> None:
+        """Rank 0 removes the run's unfinished checkpoints newer than its newest complete one
+        (``remove_unfinished``), once every rank has chosen what it resumes from.
+
+        Safe here and only here: one checkpointer is built per worker when a worker group
+        starts (orchestrator/train/loop.py, right after ``_restore`` chose the checkpoint),
+        so no writer of this run is alive; an attempt's asynchronous writes ran in its
+        workers' processes, which Ray Train ends before it starts the next group. Later, a
+        directory without ``train_state.json`` may be a write still in flight: never touched.
+        """
+        if self.distributed:  # every rank's _restore has listed the checkpoints
+            dist.barrier(group=self._agree)
+        if self.rank == 0:
+            remove_unfinished(self.run_uri, self.storage)
 
     def save(
         self,
@@ -292,6 +379,8 @@ class ShardedCheckpointer:
         when ``async_save`` and not ``wait``. Every rank calls (DCP plans collectively)."""
         self._wait_pending()  # one write at a time
         uri = join_uri(self.run_uri, f"checkpoint_{state.step:08d}")
+        if self.rank == 0:
+            _clear_unfinished(uri, self.storage)
         state_json = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True)
         writer = _writer(uri, self.storage)
         sd = _state_dicts(objective, optimizer)

@@ -236,6 +236,8 @@ def _train_state_problem(ckpt_uri: str, storage: Any | None) -> str | None:
     try:
         raw = json.loads(read_text(join_uri(ckpt_uri, "train_state.json"), storage))
         int(raw["step"])
+    except FileNotFoundError:  # gone since the listing: removed as unfinished meanwhile
+        return "train_state.json: missing (incomplete checkpoint)"
     except (ValueError, KeyError, TypeError) as e:
         return f"train_state.json: not a valid train state ({type(e).__name__}: {e})"
     return None
@@ -261,7 +263,9 @@ def newest_checkpoint(run_uri: str, storage: Any | None = None) -> str | None:
     written by seconds, is lost with a killed driver and is Ray's private file): a newer
     checkpoint that does not pass ``checkpoint_problem`` is skipped with a warning naming
     the file and why. The driver (data position) and the workers (weights) both call it on
-    the same files, so they agree.
+    the same files, so they agree. It only reads (``tips export`` may call it while the run
+    writes); the unfinished directories it skips are removed by rank 0 when a worker group
+    starts (``checkpoint.remove_unfinished``).
     """
     for _, uri in list_checkpoints(run_uri, storage):
         problem = checkpoint_problem(uri, storage)

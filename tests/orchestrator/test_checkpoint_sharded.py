@@ -4,16 +4,22 @@
 * a damaged or unfinished checkpoint (no ``.metadata``, a missing or short shard file, no
   ``train_state.json``) is refused by name and ``newest_checkpoint`` takes the previous one;
 * an asynchronous save whose process is SIGKILLed while the shards are being written leaves
-  the previous checkpoint as the newest complete one, and it loads;
+  the previous checkpoint as the newest complete one, and it loads; the resume (a new
+  ``ShardedCheckpointer``) removes the partial directory, and only unfinished ones newer than
+  the newest complete one (never a complete, a damaged or an older one); a save into a
+  partial directory of its step replaces it whole;
 * S3 through the moto server: the same files, found and loaded there;
 * ``tips export``: a sharded checkpoint to today's single-file layout (model.pt, optim.pt);
 * slow: written by 2 FSDP ranks (gloo; synchronously and asynchronously), loaded on 1 process
-  and on 3 FSDP ranks, student, EMA teacher, centres and Adafactor state equal exactly.
+  and on 3 FSDP ranks, student, EMA teacher, centres and Adafactor state equal exactly; the
+  same for 2 DDP ranks, loaded on 1 process and on 2 DDP ranks.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,13 +111,13 @@ def _assert_equal(a: dict, b: dict, where: str) -> None:
         assert a == b, where
 
 
-def _named_optim(objective, optimizer) -> dict:
-    """``optimizer.state_dict()`` keyed by parameter names (comparable across processes)."""
+def _named_optim(objective, optimizer, every_rank: bool = False) -> dict:
+    """``optimizer.state_dict()`` keyed by parameter names (comparable across processes);
+    on rank 0 only (FSDP's gather to the CPU) unless ``every_rank`` (whole replicas: DDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(
-        objective, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    return get_optimizer_state_dict(objective, optimizer, options=options)
 
 
 def _save(run: Path | str, objective, optimizer, step: int, storage=None) -> str:
@@ -198,7 +204,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_an_async_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+def test_an_async_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, caplog):
     run = tmp_path / "run"
     script = KILLED_WRITER.format(repo=str(REPO), run=str(run))
     proc = subprocess.run(
@@ -210,20 +216,62 @@ def test_an_async_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert (partial / "__0_0.distcp").exists()  # the write had started
     assert not (partial / "train_state.json").exists()  # and not finished
     assert ckpt.checkpoint_problem(str(partial)) is not None
-    assert ckpt.newest_checkpoint(str(run)) == str(run / "checkpoint_00000001")
+    first = run / "checkpoint_00000001"
+    assert ckpt.newest_checkpoint(str(run)) == str(first)
+    leftover = tmp_path / "leftover"  # what the killed write left, for the cases below
+    shutil.copytree(partial, leftover)
+    with caplog.at_level(logging.WARNING):
+        ShardedCheckpointer(str(run), None, 0, False, async_save=True)  # the resume
+    assert not partial.exists()  # removed, with one line naming it
+    removed = [r.getMessage() for r in caplog.records if "unfinished" in r.getMessage()]
+    assert len(removed) == 1 and str(partial) in removed[0], removed
+    assert ckpt.checkpoint_problem(str(first)) is None  # the one resumed from is kept
     objective, optimizer = _trained(1)  # the state that step 1 saved
     fresh = _objective()
     fresh_opt = build_optimizer(fresh, _cfg("none"))
     load_sharded(ckpt.newest_checkpoint(str(run)), None, fresh, fresh_opt)
     _assert_equal(objective.state_dict(), fresh.state_dict(), "model")
     _assert_equal(_named_optim(objective, optimizer), _named_optim(fresh, fresh_opt), "optim")
+    _only_unfinished_newer_ones_are_removed(run, leftover, objective, optimizer)
+
+
+def _only_unfinished_newer_ones_are_removed(run: Path, leftover: Path, objective, optimizer):
+    """Steps 1 and 3 complete, 2 unfinished (older than 3), 4 unfinished, 5 damaged (its
+    marker written, a shard truncated later): a resume removes 4 only. A save of step 6 into
+    an unfinished ``checkpoint_00000006`` (with a stale shard of another world) replaces it."""
+    third = Path(_save(run, objective, optimizer, step=3))
+    shutil.copytree(leftover, run / "checkpoint_00000002")
+    shutil.copytree(leftover, run / "checkpoint_00000004")
+    damaged = run / "checkpoint_00000005"
+    shutil.copytree(third, damaged)
+    shard = damaged / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    saver = ShardedCheckpointer(str(run), None, 0, False, async_save=False)  # the resume
+    left = sorted(p.name for p in run.iterdir())
+    assert left == [f"checkpoint_0000000{i}" for i in (1, 2, 3, 5)], left
+    assert ckpt.checkpoint_problem(str(third)) is None
+    assert ckpt.newest_checkpoint(str(run)) == str(third)
+    sixth = run / "checkpoint_00000006"
+    shutil.copytree(leftover, sixth)
+    (sixth / "__7_0.distcp").write_bytes(b"a shard of a rank the new write does not have")
+    saver.save(objective, optimizer, TrainState(step=6), "{}\n", wait=True)
+    names = {p.name for p in sixth.iterdir()}
+    assert names == {".metadata", "__0_0.distcp", "config.yaml", "train_state.json"}, names
+    assert ckpt.newest_checkpoint(str(run)) == str(sixth)
 
 
 def test_sharded_checkpoint_on_s3(s3_bucket):
+    from orchestrator.storage import exists, write_bytes
+
     objective, optimizer = _trained(1)
     run = f"{s3_bucket}/runs/sharded"
+    write_bytes(f"{run}/checkpoint_00000001/__3_0.distcp", b"stale: replaced by the save")
     uri = _save(run, objective, optimizer, step=1)
     assert uri == f"{run}/checkpoint_00000001"
+    assert not exists(f"{uri}/__3_0.distcp")
+    write_bytes(f"{run}/checkpoint_00000002/__0_0.distcp", b"an unfinished write")
+    ShardedCheckpointer(run, None, 0, False, async_save=False)  # the resume removes it
+    assert not exists(f"{run}/checkpoint_00000002/__0_0.distcp")
     assert ckpt.newest_checkpoint(run) == uri
     assert ckpt.latest_train_state(run).step == 1
     fresh = _objective()
@@ -234,19 +282,26 @@ def test_sharded_checkpoint_on_s3(s3_bucket):
     _assert_equal(read_full_state(uri)["model"], objective.state_dict(), "read_full_state")
 
 
-def _wrapped(world: int):
-    from orchestrator.train.parallel import wrap_for_distributed
+def _wrapped(world: int, kind: str = "fsdp"):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from orchestrator.train.parallel import Strategy, wrap_for_distributed
 
     objective = _objective()
-    strategy = wrap_for_distributed(objective, _cfg(), torch.device("cpu"), world)
-    return objective, build_optimizer(objective, _cfg()), strategy
+    if kind == "ddp":  # DdpStrategy's wrapping: Ray's prepare_model is DDP(student) on the
+        objective.wrap_student(DistributedDataParallel)  # CPU, but needs Ray Train's context
+        strategy = Strategy()  # (and DdpStrategy's only other part is micro_batch's no_sync)
+    else:
+        strategy = wrap_for_distributed(objective, _cfg(kind), torch.device("cpu"), world)
+    return objective, build_optimizer(objective, _cfg(kind)), strategy
 
 
-def _writer_ranks(rank: int, out: str) -> None:
-    """2 FSDP ranks train 2 steps on their halves, save sync (step 2) and async (step 3)."""
+def _writer_ranks(rank: int, out: str, kind: str = "fsdp") -> None:
+    """2 FSDP (or DDP) ranks train 2 steps on their halves, save sync and async at step 2
+    (the async write runs during a third step)."""
     import torch.distributed as dist
 
-    objective, optimizer, strategy = _wrapped(2)
+    objective, optimizer, strategy = _wrapped(2, kind)
     rows = slice(2 * rank, 2 * rank + 2)
     _train(objective, optimizer, strategy, 2, rows)
     sync = ShardedCheckpointer(f"{out}/sync", None, rank, True, async_save=False)
@@ -267,16 +322,20 @@ def _writer_ranks(rank: int, out: str) -> None:
     dist.barrier()
 
 
-def _reader_ranks(rank: int, out: str, world: int) -> None:
-    """``world`` FSDP ranks load both checkpoints; rank 0 saves the gathered states."""
+def _reader_ranks(rank: int, out: str, world: int, strategy_name: str = "fsdp") -> None:
+    """``world`` FSDP (or DDP) ranks load both checkpoints; rank 0 saves the gathered states
+    (under DDP every rank saves its own: each loaded whole tensors)."""
     for kind in ("sync", "async"):
-        objective, optimizer, strategy = _wrapped(world)
+        objective, optimizer, strategy = _wrapped(world, strategy_name)
         saver = ShardedCheckpointer(f"{out}/{kind}", None, rank, True, async_save=False)
         load_sharded(f"{out}/{kind}/checkpoint_00000002", None, objective, optimizer, saver.group)
         model, _ = strategy.full_state_dicts(objective, optimizer, rank)
-        optim = _named_optim(objective, optimizer)
-        if rank == 0:
-            torch.save({"model": model, "optim": optim}, f"{out}/{kind}_on{world}.pt")
+        optim = _named_optim(objective, optimizer, every_rank=strategy_name == "ddp")
+        if strategy_name == "ddp":
+            model = objective.state_dict()
+        if rank == 0 or strategy_name == "ddp":
+            name = f"{kind}_on{world}" + (f"_rank{rank}" if rank else "")
+            torch.save({"model": model, "optim": optim}, f"{out}/{name}.pt")
 
 
 @pytest.mark.slow
@@ -301,6 +360,33 @@ def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
         got = torch.load(tmp_path / f"{kind}_on3.pt", weights_only=True)
         _assert_equal(ref["model"], got["model"], f"{kind} on 3: model")
         _assert_equal(ref["optim"], got["optim"], f"{kind} on 3: optim")
+
+
+@pytest.mark.slow
+def test_saved_by_2_ddp_ranks_loads_exactly_on_1_and_2(tmp_path):
+    """DDP replicas: DCP writes each whole tensor once (``__0_0`` or ``__1_0``), and a DDP
+    rank or a lone process loads every tensor whole from whichever file holds it."""
+    for store in ("w", "r"):
+        (tmp_path / store).mkdir()
+    run_gloo(_writer_ranks, 2, tmp_path / "w", str(tmp_path), "ddp")
+    ref = torch.load(tmp_path / "s2.pt", weights_only=True)
+    assert any("teacher" in k for k in ref["model"]) and any("center" in k for k in ref["model"])
+    assert any("row_var" in s for s in ref["optim"]["state"].values())  # Adafactor, factored
+    for kind in ("sync", "async"):
+        uri = str(tmp_path / kind / "checkpoint_00000002")
+        assert ckpt.checkpoint_problem(uri) is None
+        assert {p.name for p in Path(uri).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+        alone = _objective()
+        alone_opt = build_optimizer(alone, _cfg("none"))
+        load_sharded(uri, None, alone, alone_opt)
+        _assert_equal(ref["model"], alone.state_dict(), f"{kind} on 1: model")
+        _assert_equal(ref["optim"], _named_optim(alone, alone_opt), f"{kind} on 1: optim")
+    run_gloo(_reader_ranks, 2, tmp_path / "r", str(tmp_path), 2, "ddp")
+    for kind in ("sync", "async"):
+        for name in (f"{kind}_on2", f"{kind}_on2_rank1"):
+            got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+            _assert_equal(ref["model"], got["model"], f"{name}: model")
+            _assert_equal(ref["optim"], got["optim"], f"{name}: optim")
 
 
 # ------------------------------------------------- the training loop, tips export, tips eval
