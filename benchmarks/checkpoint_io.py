@@ -31,6 +31,31 @@ bandwidth (bytes / total write time), the load time (model and optimizer, wrappi
 counted), and the peak host RSS during the save and during the load (``VmHWM``, reset
 through ``/proc/self/clear_refs`` just before each phase: the memory of building the model
 is not counted). Prints a table with ratios against ``full``.
+
+DCP's planning cost against the number of ranks (``--planning``):
+
+    .venv/bin/python benchmarks/checkpoint_io.py --planning --ranks 2,4,8
+
+A save with DCP is collective: every rank makes a local plan (one write item per tensor),
+rank 0 gathers all plans, makes the global plan (deduplicates what several ranks hold whole,
+assigns storage), scatters it back, every rank writes, rank 0 gathers the write results and
+writes ``.metadata`` (one entry per tensor per shard). That cost does not shrink with the
+shards, and grows with the ranks. Per world size, ``--ranks`` gloo ranks (spawned, CPU) each
+hold a state with exactly the entries of the ``tips_b14`` objective's (``--vision``/
+``--text``: its student, EMA teacher, centres and Adafactor state after one step, counted
+by building it once here), laid out as FSDP2 lays them out: a parameter of one dimension or
+more, and Adafactor's ``row_var``/``variance``, a DTensor sharded on dim 0 over all ranks;
+Adafactor's ``col_var`` and ``step``, buffers, 0-d parameters and the optimizer's settings
+whole on every rank. The tensors are tiny (a few floats per rank): what is measured is the
+per-entry work. Each rank times, ``--repeats`` times: ``dcp.save`` to a writer that keeps
+nothing (every phase of DCP but the bytes: the planning, the collectives and the metadata;
+its planner's local planning and rank 0's ``create_global_plan`` timed apart, and the CPU
+seconds of rank 0 and of the other ranks: with more ranks than cores, wall seconds include
+the wait for a core), the same with DCP's plan caching (``enable_plan_caching``; the first
+of the repeats fills the cache), and ``dcp.save`` to local disk (``FileSystemWriter``,
+fsync'd, as ``ShardedCheckpointer``). The table shows the median of the slowest rank, the
+save's peak RSS (rank 0, which holds every plan, and the largest of the others) and the
+size of ``.metadata``.
 """
 
 from __future__ import annotations
@@ -38,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -47,7 +73,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint import DefaultSavePlanner, StorageWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,8 +102,8 @@ def _cfg(args: argparse.Namespace) -> Any:
     return config_lib.load(
         find_recipe("tips_b14"),
         [
-            f"model.vision={args.vision}",
-            f"model.text={args.text}",
+            *([f"model.vision={args.vision}"] if args.vision else []),
+            *([f"model.text={args.text}"] if args.text else []),
             "model.tokenizer=bpe",  # no tokenizer file is read: only its vocabulary size
             "model.tokenizer_path=null",
             "scaling.strategy=fsdp",
@@ -268,15 +296,256 @@ def _run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
     return results
 
 
+# ------------------------------------------------- --planning: DCP's per-save fixed cost
+
+
+def planning_spec(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """``(key, layout, ndim)`` of every entry DCP saves for the recipe's objective and
+    Adafactor after one step (keys as DCP flattens them); layout ``shard`` (a DTensor on
+    dim 0 under FSDP2), ``whole`` (a tensor every rank holds) or ``object`` (not a tensor)."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    objective, optimizer, _ = _build(_cfg(args), 1)  # a world of one: nothing wrapped
+    _fake_step(objective, optimizer)
+    model, optim = get_state_dict(objective, optimizer)
+    flat, _ = flatten_state_dict({"model": model, "optim": optim})
+    params = {f"model.{n}" for n, _ in objective.named_parameters()}
+    spec = []
+    for key, value in flat.items():
+        if not isinstance(value, torch.Tensor):
+            spec.append((key, "object", 0))
+            continue
+        name = key.rsplit(".", 1)[-1]
+        sharded = (key in params or name in ("row_var", "variance")) and value.ndim > 0
+        spec.append((key, "shard" if sharded else "whole", value.ndim))
+    return spec
+
+
+def _planning_state(spec: list[tuple[str, str, int]], world: int) -> dict[str, Any]:
+    """This rank's tiny state with ``spec``'s entries: 4 rows of a sharded tensor per rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    state: dict[str, Any] = {}
+    for key, layout, ndim in spec:
+        if layout == "object":
+            state[key] = 0.5
+        elif layout == "whole":
+            state[key] = torch.ones((2,) * ndim)
+        else:
+            local = torch.full((4,) + (2,) * (ndim - 1), float(dist.get_rank()))
+            state[key] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    return state
+
+
+class _NullWriter(StorageWriter):
+    """A DCP writer that keeps nothing: ``dcp.save`` runs every phase but the bytes (the
+    tensors are still resolved, and rank 0 still builds and pickles the metadata)."""
+
+    metadata_bytes = 0
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list) -> list:
+        return plans
+
+    def write_data(self, plan: Any, planner: Any) -> torch.futures.Future:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        results = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            size = data.nbytes if isinstance(data, torch.Tensor) else len(data.getbuffer())
+            where = _StorageInfo(f"__{dist.get_rank()}_0.distcp", 0, size)  # as FileSystemWriter
+            results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=where))
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Any, results: list) -> None:
+        metadata.storage_data = {r.index: r.storage_data for rs in results for r in rs}
+        self.metadata_bytes = len(pickle.dumps(metadata))  # what FileSystemWriter writes
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+
+class _TimedPlanner(DefaultSavePlanner):
+    """DCP's default save planner, its local (set-up included) and global planning timed."""
+
+    local_s = global_s = 0.0
+
+    def set_up_planner(self, *args: Any, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        super().set_up_planner(*args, **kwargs)
+        self.local_s += time.perf_counter() - t0
+
+    def create_local_plan(self) -> Any:
+        t0 = time.perf_counter()
+        plan = super().create_local_plan()
+        self.local_s += time.perf_counter() - t0
+        return plan
+
+    def create_global_plan(self, all_plans: list) -> Any:
+        t0 = time.perf_counter()
+        out = super().create_global_plan(all_plans)
+        self.global_s = time.perf_counter() - t0
+        return out
+
+
+def _planning_saves(state: dict, out: str, repeats: int) -> list[dict]:
+    """``repeats`` times: ``dcp.save`` to ``_NullWriter``, the same with DCP's plan caching
+    (``DefaultSavePlanner(enable_plan_caching=True)``: from the second save on, a rank whose
+    local plan did not change sends none and rank 0 reuses its global plan and metadata),
+    then to local disk (fsync'd)."""
+    rows = []
+    for i in range(repeats):
+        for target in ("null", "cached", "disk"):
+            planner = _TimedPlanner(enable_plan_caching=target == "cached")
+            if target in ("null", "cached"):
+                writer: Any = _NullWriter()
+            else:
+                writer = dcp.FileSystemWriter(f"{out}/ckpt_{i}", sync_files=True)
+            before = _status_kb("VmRSS")
+            _hwm_reset()
+            dist.barrier()
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            dcp.save(state, storage_writer=writer, planner=planner)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            rows.append(
+                dict(target=target, s=seconds, cpu_s=cpu, local_s=planner.local_s,
+                     global_s=planner.global_s, before_mb=before / 1024,
+                     peak_mb=_status_kb("VmHWM") / 1024)
+            )  # fmt: skip
+    return rows
+
+
+def _planning_rank(rank: int, world: int, store: str, out: str, spec: list, repeats: int):
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        rows = _planning_saves(_planning_state(spec, world), out, repeats)
+        Path(out, f"planning_{rank}.json").write_text(json.dumps(rows))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see tests/gloo.py
+
+
+def _planning_row(world: int, out: Path, repeats: int) -> dict:
+    """One world size: per save the slowest rank, then the median over the repeats."""
+    from statistics import median
+
+    ranks = [json.loads((out / f"planning_{r}.json").read_text()) for r in range(world)]
+
+    def med(target: str, key: str, only_rank0: bool = False) -> float:
+        picks = [
+            [
+                rows[i]
+                for rows in (ranks[:1] if only_rank0 else ranks)
+                if rows[i]["target"] == target
+            ]
+            for i in range(len(ranks[0]))
+        ]
+        return median(max(r[key] for r in pick) for pick in picks if pick)
+
+    null, disk = med("null", "s"), med("disk", "s")
+    cpu_other = [r["cpu_s"] for rows in ranks[1:] for r in rows if r["target"] == "null"]
+    return dict(
+        ranks=world, null_s=null, disk_s=disk, write_s=disk - null,
+        cpu0_s=med("null", "cpu_s", only_rank0=True), cpu_other_s=median(cpu_other or [0.0]),
+        cached_s=med("cached", "s"), cached_cpu0_s=med("cached", "cpu_s", only_rank0=True),
+        local_s=med("null", "local_s"), global_s=med("null", "global_s", only_rank0=True),
+        metadata_kb=(out / "ckpt_0" / ".metadata").stat().st_size / 1024,
+        rss0_mb=max(r["peak_mb"] for r in ranks[0]),
+        rise0_mb=max(r["peak_mb"] - r["before_mb"] for r in ranks[0]),
+        rss_other_mb=max((r["peak_mb"] for rows in ranks[1:] for r in rows), default=0.0),
+    )  # fmt: skip
+
+
+def planning_table(rows: list[dict], spec: list) -> str:
+    tensors = sum(1 for _, layout, _ in spec if layout != "object")
+    sharded = sum(1 for _, layout, _ in spec if layout == "shard")
+    lines = [
+        f"{len(spec)} entries per rank ({tensors} tensors, {sharded} of them sharded DTensors)",
+        "| ranks | save, nothing written s | its CPU s, rank 0 / another rank | local plan s "
+        "| global plan s (rank 0) | plan cached: save, nothing written s (rank 0 CPU s) "
+        "| save to disk s | write s (disk - nothing) | .metadata KB "
+        "| peak RSS MB rank 0 (rise in the save) | peak RSS MB other ranks |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ranks']} | {r['null_s']:.3f} | {r['cpu0_s']:.2f} / {r['cpu_other_s']:.2f} "
+            f"| {r['local_s']:.3f} | {r['global_s']:.3f} "
+            f"| {r['cached_s']:.3f} ({r['cached_cpu0_s']:.2f}) "
+            f"| {r['disk_s']:.3f} | {r['write_s']:.3f} | {r['metadata_kb']:.0f} "
+            f"| {r['rss0_mb']:.0f} ({r['rise0_mb']:+.0f}) | {r['rss_other_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_planning(args: argparse.Namespace, ranks: list[int]) -> None:
+    spec = planning_spec(args)
+    root = Path(tempfile.mkdtemp(prefix="ckpt-plan-", dir=args.dir))
+    rows = []
+    try:
+        for world in ranks:
+            out = root / f"w{world}"
+            out.mkdir()
+            t0 = time.perf_counter()
+            mp.spawn(
+                _planning_rank,
+                args=(world, str(root / f"w{world}.store"), str(out), spec, args.repeats),
+                nprocs=world,
+            )
+            rows.append(_planning_row(world, out, args.repeats))
+            print(f"{world} ranks: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"DCP save planning, gloo on {os.cpu_count()} CPU cores, median of {args.repeats}")
+    print(planning_table(rows, spec))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vision", default="vit_l14")
-    parser.add_argument("--text", default="text_l")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--vision", default=None, help="default vit_l14; --planning: the recipe's")
+    parser.add_argument("--text", default=None, help="default text_l; --planning: the recipe's")
+    parser.add_argument("--ranks", default="2", help="gloo ranks; --planning: a list, 2,4,8")
+    parser.add_argument("--planning", action="store_true", help="DCP's planning cost vs ranks")
+    parser.add_argument("--repeats", type=int, default=3, help="--planning: saves per size")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the per-rank rows here")
     parser.add_argument("--table-from", default=None, help="print the table of a --json file")
     args = parser.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    if args.planning:
+        run_planning(args, ranks)
+        return
+    if len(ranks) != 1:
+        parser.error("--ranks takes one number without --planning")
+    args.ranks = ranks[0]
+    args.vision, args.text = args.vision or "vit_l14", args.text or "text_l"
     if args.table_from:
         results = json.loads(Path(args.table_from).read_text())
     else:
