@@ -52,15 +52,17 @@ import logging
 import pickle
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from orchestrator.storage import filesystem, is_s3, join_uri, write_text
 from tips_model.checkpoints import CheckpointError
+
+if TYPE_CHECKING:  # imported where used: 0.65 s of every worker's start otherwise
+    import torch.distributed.checkpoint as dcp
 
 logger = logging.getLogger(__name__)
 METADATA_FILE = ".metadata"  # DCP's index (torch.distributed.checkpoint.filesystem)
@@ -90,6 +92,8 @@ def _arrow_fsspec(uri: str, storage: Any) -> tuple[Any, str]:
 
 def _writer(uri: str, storage: Any) -> dcp.FileSystemWriter:
     """A DCP writer for a checkpoint directory on local disk (fsync'd) or S3."""
+    import torch.distributed.checkpoint as dcp
+
     if not is_s3(uri):
         return dcp.FileSystemWriter(filesystem(uri)[1], sync_files=True)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -101,6 +105,8 @@ def _writer(uri: str, storage: Any) -> dcp.FileSystemWriter:
 
 
 def _reader(uri: str, storage: Any) -> dcp.FileSystemReader:
+    import torch.distributed.checkpoint as dcp
+
     if not is_s3(uri):
         return dcp.FileSystemReader(filesystem(uri)[1])
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -243,6 +249,7 @@ def load_sharded(
     Raises:
         CheckpointError: the checkpoint does not hold this model's or optimizer's state.
     """
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
@@ -377,6 +384,8 @@ class ShardedCheckpointer:
     ) -> None:
         """Start writing ``checkpoint_<state.step>``: staged now, written in the background
         when ``async_save`` and not ``wait``. Every rank calls (DCP plans collectively)."""
+        import torch.distributed.checkpoint as dcp
+
         self._wait_pending()  # one write at a time
         uri = join_uri(self.run_uri, f"checkpoint_{state.step:08d}")
         if self.rank == 0:
