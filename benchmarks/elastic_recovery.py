@@ -247,9 +247,15 @@ def run_case(case: str, shards: Path, at_step: int, steps: int, timeout_s: int |
     # the old group may finish a few steps after the event (a drain's deadline, a collective
     # that has not failed yet): recovery ends at the first step of the resized group
     old = [r for r in rows if int(r["train/world_size"]) == ws_before]
-    first_after = next(
+    resized = [
         r for r in rows if r["time/unix"] > t_event and int(r["train/world_size"]) != ws_before
-    )
+    ]
+    if not resized:
+        raise RuntimeError(
+            f"{case}: the run finished before a resized group trained (more --steps); "
+            f"log: {runs / 'train.log'}"
+        )
+    first_after = resized[0]
     last_old = max(int(r["train/step"]) for r in old if r["time/unix"] < first_after["time/unix"])
     # a drain is timed from its deadline: the moment a spot node is taken away
     start = events.get("deadline", events["gone"])
@@ -314,10 +320,16 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="tips-elastic-data-"))
     write_synthetic(str(data), n=256, seed=5, image_size=48, shard_size=64, n_eval=8)
     t0, load0 = time.time(), os.getloadavg()[0]
-    results = [
-        run_case(c, data / "train", args.at_step, args.steps, args.timeout_s)
-        for c in args.cases.split(",")
-    ]
+    results = []
+    for case in args.cases.split(","):
+        try:
+            r = run_case(case, data / "train", args.at_step, args.steps, args.timeout_s)
+        except (RuntimeError, TimeoutError) as e:  # the other cases still run and print
+            print(f"{case}: no result: {e}", file=sys.stderr)
+            continue
+        results.append(r)
+        print(f"{case}: {r['seconds']:.1f} s (from the event {r['from_notice_s']:.1f} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
     print()
     print(
         f"tiny_cpu, 1..2 workers on a 3-node local cluster, checkpoint every 50 steps, event "
