@@ -24,7 +24,8 @@
    ``sharded``: every rank writes its own shards into the run directory
    (orchestrator/train/checkpoint.py; in the background with ``train.async_checkpoint``,
    the last and preemption checkpoints waited for) and the first report after it is
-   complete registers it with Ray.
+   complete registers it with Ray (orchestrator/train/reporting.py); a node drain:
+   orchestrator/train/preemption.py.
 
 Randomness inside a step (drop-path, masks are made by the pipeline) is seeded from
 (seed, step, rank), so a resumed run reproduces an uninterrupted one exactly.
@@ -36,7 +37,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,15 +60,14 @@ from orchestrator.train.metrics import (
 )
 from orchestrator.train.optim import build_optimizer, build_schedules, set_lr
 from orchestrator.train.parallel import wrap_for_distributed
-from orchestrator.train.preemption import PreemptionWatch, agreed, restart_marker
+from orchestrator.train.preemption import PreemptionWatch, restart_marker
+from orchestrator.train.reporting import report, report_due, save_checkpoint
 from orchestrator.train.state import (
     CheckpointError,
     TrainState,
-    persist_checkpoint,
     read_optimizer_state,
     restore_checkpoint_dir,
     step_seed,
-    write_checkpoint_dir,
 )
 from tips_model.objectives import StepState, build_objective
 from tips_model.tokenizer import build_tokenizer
@@ -224,10 +223,10 @@ def _steps(w: Worker) -> None:
             metrics.update(w.strategy.perf_metrics())
             _log_metrics(w, metrics, want_eval)
             t_save = time.monotonic()
-            directory = _save(w, wait=last or preempted) if want_ckpt else None
+            directory = save_checkpoint(w, wait=last or preempted) if want_ckpt else None
             restart = restart_marker(preemption, preempted)  # before .saved(): first only
-            if want_ckpt or want_eval or _report_due(last_report, w.cfg, w.device, w.distributed):
-                _report(w, {**metrics, **restart}, directory, want_ckpt)
+            if want_ckpt or want_eval or report_due(last_report, w.cfg, w.device, w.distributed):
+                report(w, {**metrics, **restart}, directory, want_ckpt)
                 last_report = time.monotonic()
             if preempted:
                 preemption.saved(w.state.step, time.monotonic() - t_save, bool(restart))
@@ -469,85 +468,6 @@ def _log_metrics(w: Worker, metrics: dict[str, Any], want_eval: bool) -> None:
         logger.warning(warning)
     w.loggers.write(metrics, w.state.step)
     w.history.write({**metrics, "warning": warning} if warning else metrics)
-
-
-def _save(w: Worker, wait: bool = True) -> Any:
-    """A complete, unsharded checkpoint directory (rank 0; under FSDP every rank joins the
-    gather first); None on other ranks. Sharded: every rank starts writing its shards (in
-    the background with ``train.async_checkpoint`` unless ``wait``: the last and preemption
-    checkpoints) and ``_report`` hands the checkpoint to Ray once it is complete; None."""
-    w.state.world_size_at_save = w.world_size
-    if w.checkpointer is not None:
-        w.checkpointer.save(w.objective, w.optimizer, w.state, w.config_yaml, wait=wait)
-        return None
-    model_sd, optim_sd = w.strategy.full_state_dicts(w.objective, w.optimizer, w.rank)
-    if w.rank != 0:
-        return None
-    return write_checkpoint_dir(model_sd, optim_sd, w.state, w.config_yaml)
-
-
-def _report(w: Worker, metrics: dict[str, Any], directory: Any, checkpointing: bool) -> None:
-    """``ray.train.report`` (a barrier: every rank calls it), with rank 0's checkpoint."""
-    if w.checkpointer is not None:
-        _report_sharded(w, metrics)
-        return
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-    name = f"checkpoint_{w.state.step:08d}" if checkpointing else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-    if directory is not None:
-        if w.persist_locally:
-            persist_checkpoint(directory, w.run_uri, w.cfg.storage)
-        # SYNC upload copied it to the run's storage; the temp copy is ours to remove.
-        shutil.rmtree(directory.parent, ignore_errors=True)
-
-
-def _report_sharded(w: Worker, metrics: dict[str, Any]) -> None:
-    """Report with the sharded checkpoints every rank has finished writing since the last
-    report (``ShardedCheckpointer.ready``: agreed, so every rank reports as often): already
-    in the run directory, registered with Ray without a copy (``NO_UPLOAD``), so Ray's
-    ``run.num_checkpoints_to_keep`` deletes old ones. Two at once (a previous asynchronous
-    write finished just before the last or a preemption checkpoint): one report each."""
-    ready = w.checkpointer.ready()
-    for step, uri in ready or [(0, None)]:
-        checkpoint = None
-        if uri is not None and w.rank == 0:
-            checkpoint = _stored_checkpoint(w, uri)
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_dir_name=f"checkpoint_{step:08d}" if uri else None,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
-        )
-
-
-def _stored_checkpoint(w: Worker, uri: str) -> ray.train.Checkpoint:
-    """A ``ray.train.Checkpoint`` for a checkpoint directory on the run's storage, on the
-    filesystem object Ray's own storage uses (Ray checks that it manages the directory)."""
-    from orchestrator.storage import checkpoint_from_uri
-
-    if w.persist_locally:  # Ray Train local mode: no run storage of its own
-        return checkpoint_from_uri(uri, w.cfg.storage)
-    storage = ray.train.get_context().get_storage()
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return ray.train.Checkpoint(
-        path=f"{storage.experiment_fs_path}/{name}", filesystem=storage.storage_filesystem
-    )
-
-
-def _report_due(
-    last_report: float, cfg: config_lib.TipsConfig, device: torch.device, distributed: bool
-) -> bool:
-    """Whether a metrics-only report goes to Ray now: rank 0's clock decides for every rank
-    (``report`` is a barrier that all ranks must call equally often).
-
-    Ray Train's controller drains each worker's single-slot report queue once per poll, so a
-    report sent sooner than that after the previous one blocks the loop until the poll:
-    with a 40 ms step and a report every 10 steps that cost 80% of the time (benchmarks/
-    train_overhead.py). Local logging is not gated.
-    """
-    return agreed(
-        time.monotonic() - last_report >= cfg.train.report_min_interval_s, device, distributed
-    )
 
 
 def _periodic_eval(
