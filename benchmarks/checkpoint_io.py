@@ -209,11 +209,28 @@ def _load(mode: str, ckpt: Path, cfg: Any, world: int, rank: int) -> tuple[float
     return t_model + time.perf_counter() - t2, wrap
 
 
-def _rank_main(rank: int, mode: str, world: int, store: str, run: str, ns: dict) -> None:
+def _in_gloo_rank(rank: int, world: int, store: str, body: Any) -> None:
+    """Run ``body()`` as gloo rank ``rank`` of ``world`` and end the process: exit status 1
+    with the traceback printed when it raised."""
     code = 0
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        body()
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see tests/gloo.py: libgloo's threads can abort a normal shutdown
+
+
+def _rank_main(rank: int, mode: str, world: int, store: str, run: str, ns: dict) -> None:
+    def body() -> None:
         args = argparse.Namespace(**ns)
         cfg = _cfg(args)
         objective, optimizer, strategy = _build(cfg, world)
@@ -232,16 +249,8 @@ def _rank_main(rank: int, mode: str, world: int, store: str, run: str, ns: dict)
             save_peak_gb=save_peak_kb / 2**20, load_peak_gb=_status_kb("VmHWM") / 2**20,
         )  # fmt: skip
         Path(run, f"result_{rank}.json").write_text(json.dumps(row))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # see tests/gloo.py: libgloo's threads can abort a normal shutdown
+    _in_gloo_rank(rank, world, store, body)
 
 
 def run_mode(mode: str, args: argparse.Namespace, root: Path) -> list[dict]:
@@ -432,22 +441,11 @@ def _planning_saves(state: dict, out: str, repeats: int) -> list[dict]:
 
 
 def _planning_rank(rank: int, world: int, store: str, out: str, spec: list, repeats: int):
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    def body() -> None:
         rows = _planning_saves(_planning_state(spec, world), out, repeats)
         Path(out, f"planning_{rank}.json").write_text(json.dumps(rows))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # see tests/gloo.py
+    _in_gloo_rank(rank, world, store, body)
 
 
 def _planning_row(world: int, out: Path, repeats: int) -> dict:
