@@ -338,11 +338,12 @@ def _reader_ranks(rank: int, out: str, world: int, strategy_name: str = "fsdp") 
             torch.save({"model": model, "optim": optim}, f"{out}/{name}.pt")
 
 
-@pytest.mark.slow
-def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
+def _saved_by_2_loaded_alone(tmp_path: Path, strategy_name: str) -> dict:
+    """2 ranks (FSDP or DDP) save sync and async; one process without a process group loads
+    each exactly (whole tensors). The gathered reference state."""
     for store in ("w", "r"):
         (tmp_path / store).mkdir()
-    run_gloo(_writer_ranks, 2, tmp_path / "w", str(tmp_path))
+    run_gloo(_writer_ranks, 2, tmp_path / "w", str(tmp_path), strategy_name)
     ref = torch.load(tmp_path / "s2.pt", weights_only=True)
     assert any("teacher" in k for k in ref["model"]) and any("center" in k for k in ref["model"])
     assert any("row_var" in s for s in ref["optim"]["state"].values())  # Adafactor, factored
@@ -355,6 +356,12 @@ def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
         load_sharded(uri, None, alone, alone_opt)
         _assert_equal(ref["model"], alone.state_dict(), f"{kind} on 1: model")
         _assert_equal(ref["optim"], _named_optim(alone, alone_opt), f"{kind} on 1: optim")
+    return ref
+
+
+@pytest.mark.slow
+def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
+    ref = _saved_by_2_loaded_alone(tmp_path, "fsdp")
     run_gloo(_reader_ranks, 3, tmp_path / "r", str(tmp_path), 3)
     for kind in ("sync", "async"):
         got = torch.load(tmp_path / f"{kind}_on3.pt", weights_only=True)
@@ -366,21 +373,7 @@ def test_saved_by_2_fsdp_ranks_loads_exactly_on_1_and_3(tmp_path):
 def test_saved_by_2_ddp_ranks_loads_exactly_on_1_and_2(tmp_path):
     """DDP replicas: DCP writes each whole tensor once (``__0_0`` or ``__1_0``), and a DDP
     rank or a lone process loads every tensor whole from whichever file holds it."""
-    for store in ("w", "r"):
-        (tmp_path / store).mkdir()
-    run_gloo(_writer_ranks, 2, tmp_path / "w", str(tmp_path), "ddp")
-    ref = torch.load(tmp_path / "s2.pt", weights_only=True)
-    assert any("teacher" in k for k in ref["model"]) and any("center" in k for k in ref["model"])
-    assert any("row_var" in s for s in ref["optim"]["state"].values())  # Adafactor, factored
-    for kind in ("sync", "async"):
-        uri = str(tmp_path / kind / "checkpoint_00000002")
-        assert ckpt.checkpoint_problem(uri) is None
-        assert {p.name for p in Path(uri).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
-        alone = _objective()
-        alone_opt = build_optimizer(alone, _cfg("none"))
-        load_sharded(uri, None, alone, alone_opt)
-        _assert_equal(ref["model"], alone.state_dict(), f"{kind} on 1: model")
-        _assert_equal(ref["optim"], _named_optim(alone, alone_opt), f"{kind} on 1: optim")
+    ref = _saved_by_2_loaded_alone(tmp_path, "ddp")
     run_gloo(_reader_ranks, 2, tmp_path / "r", str(tmp_path), 2, "ddp")
     for kind in ("sync", "async"):
         for name in (f"{kind}_on2", f"{kind}_on2_rank1"):
