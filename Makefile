@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python tools/check_layout.py
-	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m "not slow"
+	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m "not slow" --tb=short
 
 test-slow: $(STAMP)
 	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m "slow"
