@@ -18,6 +18,13 @@ deprecated ``Tuner(trainer)``). The relay:
    the donor's checkpoint. The hyperparameters (loss weights, EMA schedule...) always come
    from the trial's config, never from the checkpoint.
 
+A trial whose workers stopped at an error that would repeat (``train.DETERMINISTIC_FAILURES``:
+the non-finite-loss limit, a damaged checkpoint, exhausted data) leaves the error in
+``<sweep>/fatal/<trial id>.txt``; Tune's retry (``trial.max_failures``, Tune has no
+per-exception choice) then fails at once with the same message instead of training again
+from the trial's last checkpoint into the same error. Resuming the sweep clears the folder
+(orchestrator/tune/tuner.py): after a fix, those trials run again.
+
 Reports are held back until the sweep metric exists (Tune checks strictly); evaluation
 metrics (``eval/...``, reported every ``train.eval_every_steps``) are carried forward to
 later reports so that every report has the metric the scheduler compares.
@@ -42,6 +49,7 @@ import ray.tune
 
 from orchestrator import config as config_lib
 
+FATAL_DIR = "fatal"  # <sweep>/fatal/<trial id>.txt: the repeating error a trial stopped at
 logger = logging.getLogger(__name__)
 
 POINTER_FILE = "pointer.json"
@@ -148,7 +156,7 @@ def trial_driver(
     """Tune function trainable: one elastic Train run with ``config["overrides"]`` applied."""
     from ray.util.queue import Queue
 
-    from orchestrator.storage import is_s3, join_uri
+    from orchestrator.storage import exists, is_s3, join_uri, read_text, write_text
     from orchestrator.train.driver import absolutize, build_trainer, fatal_error
 
     ctx = ray.tune.get_context()
@@ -166,6 +174,12 @@ def trial_driver(
         t = cfg.train
         extra["run.num_checkpoints_to_keep"] = t.total_steps // t.checkpoint_every_steps + 2
     cfg = absolutize(config_lib.with_overrides(cfg, extra))
+    fatal_uri = join_uri(sweep_uri, FATAL_DIR, f"{trial_id}.txt")
+    if exists(fatal_uri, cfg.storage):  # a retry of a trial that stopped at a repeating error
+        raise RuntimeError(
+            f"trial {trial_id}: training failed: {read_text(fatal_uri, cfg.storage)} "
+            "(not trained again: the error repeats; resume the sweep to retry after a fix)"
+        )
     _log_incarnation(
         {"time": time.time(), "train_run": name, "resume_from": donor, "overrides": overrides}
     )
@@ -197,6 +211,7 @@ def trial_driver(
         raise RuntimeError(f"trial {trial_id}: training failed: {result.error}")
     fatal = fatal_error(cfg, name)  # the workers stopped at an error that would repeat
     if fatal:
+        write_text(fatal_uri, fatal, cfg.storage)
         raise RuntimeError(f"trial {trial_id}: training failed: {fatal}")
 
 

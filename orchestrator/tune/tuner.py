@@ -21,7 +21,7 @@ import ray
 import ray.tune
 
 from orchestrator import config as config_lib
-from orchestrator.tune.driver import trial_driver
+from orchestrator.tune.driver import FATAL_DIR, trial_driver
 from orchestrator.tune.spec import TIME_ATTR, Sweep, SweepError, max_concurrent
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,23 @@ def check_resumable(sweep: Sweep, resume: bool) -> None:
         )
 
 
+def clear_fatal(sweep: Sweep) -> list[str]:
+    """Forget the repeating errors trials stopped at (orchestrator/tune/driver.py): a resume
+    comes after a fix, so the errored trials it resumes train again. Their trial ids."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.storage import filesystem, join_uri
+
+    fs, path = filesystem(join_uri(sweep.uri, FATAL_DIR), sweep.base.storage)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    ids = [i.base_name.removesuffix(".txt") for i in fs.get_file_info(pafs.FileSelector(path))]
+    fs.delete_dir(path)
+    if ids:
+        logger.info("retrying %d trial(s) that stopped at an error: %s", len(ids), ", ".join(ids))
+    return sorted(ids)
+
+
 def build_tuner(sweep: Sweep, *, resume: bool = False) -> ray.tune.Tuner:
     """The Tuner (Ray must be up: concurrency is derived from the cluster's resources)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -110,6 +127,7 @@ def build_tuner(sweep: Sweep, *, resume: bool = False) -> ray.tune.Tuner:
     trainable = _trainable(sweep)
     check_resumable(sweep, resume)
     if resume:
+        clear_fatal(sweep)
         uri = sweep.uri if fs is not None else os.path.join(path, s.name)
         logger.info("resuming sweep %s", uri)
         return ray.tune.Tuner.restore(

@@ -200,6 +200,20 @@ def test_trial_config_and_incarnation_names():
     assert a.startswith("trial-abc_00001-") and a != b
 
 
+def test_resume_clears_the_repeating_errors_so_fixed_trials_train_again(tmp_path):
+    from orchestrator.tune.tuner import clear_fatal
+
+    sweep = load_sweep(_write_sweep(tmp_path, BASE_SWEEP + f"storage_uri: {tmp_path}\n"), [], FILL)
+    assert clear_fatal(sweep) == []  # no folder: nothing to clear
+    fatal = Path(sweep.uri) / driver.FATAL_DIR
+    fatal.mkdir(parents=True)
+    for trial_id in ("t_00001", "t_00000"):
+        (fatal / f"{trial_id}.txt").write_text("NonFiniteLossError: 2 steps in a row")
+    assert clear_fatal(sweep) == ["t_00000", "t_00001"]
+    assert not fatal.exists() and Path(sweep.uri).is_dir()
+    assert clear_fatal(sweep) == []
+
+
 def test_best_recipe_loads_as_a_recipe(tmp_path):
     path = _write_sweep(tmp_path, BASE_SWEEP)
     sweep = load_sweep(path, [], FILL)
@@ -365,7 +379,8 @@ def test_a_trial_that_fails_the_same_way_every_time_is_an_error_with_its_cause(
     tune_runtime, synth_data, tmp_path, capsys
 ):
     """Workers that stop at a deterministic failure (here the non-finite-loss limit) raise
-    nothing to Ray Train; the trial must still fail, and `tips tune` name its root cause."""
+    nothing to Ray Train; the trial must still fail, and `tips tune` name its root cause.
+    Tune retries it (trial.max_failures=1) without training again: one Train run only."""
     path = sweep_file(
         tmp_path,
         synth_data,
@@ -379,10 +394,16 @@ max_concurrent_trials: 1
 """,
     )
     args = [f"sweep={path}", "train.total_steps=10", "train.max_nonfinite_steps=2"]
+    args.append("trial.max_failures=1")
     assert main_tune(args) == 1
     err = capsys.readouterr().err
     failed = [x for x in err.splitlines() if " failed: " in x and x.startswith("tips tune: trial-")]
     assert len(failed) == 1, err[-3000:]
+    assert "(not trained again: the error repeats" in failed[0], failed[0]
+    fatal = list((tmp_path / "sweeps" / "fails" / driver.FATAL_DIR).iterdir())
+    assert len(fatal) == 1 and fatal[0].stem in failed[0]
+    runs = sorted(p.name for p in (tmp_path / "sweeps" / "fails" / "train").iterdir())
+    assert runs == sorted(f"trial-{t}" for t in _trial_ids(tmp_path / "sweeps" / "fails")), runs
     # Found on the device and read at the next log step (orchestrator/train/guard.py): at
     # least the limit's 2 steps in a row, up to a log interval more.
     found = re.search(
@@ -392,3 +413,8 @@ max_concurrent_trials: 1
     )
     assert found and int(found.group(1)) >= 2, failed[0]
     assert "tips tune: 1 of 2 trial(s) failed" in err
+
+
+def _trial_ids(sweep_dir: Path) -> list[str]:
+    """The ids of a sweep's trials, from Tune's trial directories (``trial-<id>``)."""
+    return [p.name.removeprefix("trial-") for p in sweep_dir.glob("trial-*") if p.is_dir()]
