@@ -183,7 +183,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         _steps(w)
     except BaseException:
         w.loggers.close(failed=True)  # a restart reopens the same tracker runs
-        raise
+        raise  # a write in flight is abandoned: Ray ends this process, the next group cleans up
+    if w.checkpointer is not None:  # the last save waited; frees its staging buffers and thread
+        w.checkpointer.close()
     w.loggers.close()
 
 
