@@ -21,7 +21,9 @@ then save one checkpoint and load it back into a fresh sharded objective:
   the state is copied to host memory; the rest is written in the background (the loop then
   polls ``ready()`` every 10 ms and does nothing else, so the write has the cores to itself:
   under a real training step it would take longer, the stall would not).
-  Both load with ``load_sharded`` after wrapping.
+  Both load with ``load_sharded`` after wrapping. Both cache DCP's save plan as training
+  does (``train.checkpoint_plan_cache``, default true), so the second save reuses the
+  first's; ``--no-plan-cache`` plans both afresh.
 
 Each mode saves twice (steps 1 and 2) and the table shows the second save (the steady state
 of a run: e.g. the async stager's host buffers are kept), and the first save's stall apart.
@@ -145,7 +147,15 @@ def _dir_bytes(path: Path, rank: int, mode: str) -> int:
     return own
 
 
-def _save(mode: str, run: Path, objective: Any, optimizer: Any, strategy: Any, rank: int):
+def _save(
+    mode: str,
+    run: Path,
+    objective: Any,
+    optimizer: Any,
+    strategy: Any,
+    rank: int,
+    plan_cache: bool = True,
+):
     """Save twice (steps 1 and 2: the second shows the steady state, e.g. staging buffers
     kept); returns ([stall s per save], [write s per save], the second checkpoint's dir)."""
     from orchestrator.train.checkpoint import ShardedCheckpointer
@@ -154,7 +164,8 @@ def _save(mode: str, run: Path, objective: Any, optimizer: Any, strategy: Any, r
     stalls, totals = [], []
     saver = None
     if mode != "full":
-        saver = ShardedCheckpointer(str(run), None, rank, True, async_save=mode == "dcp_async")
+        async_save = mode == "dcp_async"
+        saver = ShardedCheckpointer(str(run), None, rank, True, async_save, plan_cache)
     for step in (1, 2):
         state = TrainState(step=step)
         dist.barrier()
@@ -237,7 +248,9 @@ def _rank_main(rank: int, mode: str, world: int, store: str, run: str, ns: dict)
         _fake_step(objective, optimizer)
         steady_kb = _status_kb("VmRSS")
         _hwm_reset()
-        stalls, totals, ckpt = _save(mode, Path(run), objective, optimizer, strategy, rank)
+        stalls, totals, ckpt = _save(
+            mode, Path(run), objective, optimizer, strategy, rank, args.plan_cache
+        )
         save_peak_kb = _status_kb("VmHWM")
         written = _dir_bytes(ckpt, rank, mode)
         del objective, optimizer, strategy
@@ -532,6 +545,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="2", help="gloo ranks; --planning: a list, 2,4,8")
     parser.add_argument("--planning", action="store_true", help="DCP's planning cost vs ranks")
     parser.add_argument("--repeats", type=int, default=3, help="--planning: saves per size")
+    parser.add_argument(
+        "--plan-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dcp modes: cache DCP's save plan (train.checkpoint_plan_cache; default on)",
+    )
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the per-rank rows here")
     parser.add_argument("--table-from", default=None, help="print the table of a --json file")

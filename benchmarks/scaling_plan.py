@@ -60,15 +60,15 @@ MEASURED = [
     ("--img-s-per-core", 287.5,
      "data pipeline images/s per CPU core (README 'Data throughput': Ray Data, "
      "epoch 2, 575 img/s on 2 cores, 1x224 + 6x98 crops of ~500x400 JPEGs)"),
-    ("--dcp-write-mb-s", 215.0,
+    ("--dcp-write-mb-s", 283.0,
      "per-rank DCP write bandwidth, MB/s (README 'Checkpoint I/O': "
      "benchmarks/checkpoint_io.py, dcp_sync, 2 ranks on one local disk); 0: omit"),
-    ("--dcp-stage-mb-s", 7640.0,
+    ("--dcp-stage-mb-s", 4540.0,
      "per-rank async-DCP staging bandwidth (the stall), MB/s (README 'Checkpoint "
-     "I/O': 1681 MB per rank staged in 0.22 s); 0: omit"),
-    ("--full-write-mb-s", 339.0,
+     "I/O': 1681 MB per rank staged in 0.37 s); 0: omit"),
+    ("--full-write-mb-s", 248.0,
      "the full layout: rank 0's gather + torch.save bandwidth, MB/s (README "
-     "'Checkpoint I/O': 3359 MB in 9.92 s); 0: omit"),
+     "'Checkpoint I/O': 3359 MB in 13.52 s); 0: omit"),
     ("--recovery-kill-s", 17.8, "node killed -> next step, s (README 'Elastic recovery')"),
     (
         "--recovery-drain-s",

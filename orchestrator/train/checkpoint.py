@@ -36,6 +36,14 @@ on the default group. One write is in flight at a time: a save waits for the pre
 ``ready`` agrees across ranks (an all-reduce of "done" flags) which saves are complete, so
 every rank reports them to Ray at the same call.
 
+Plan cache (``train.checkpoint_plan_cache``): a worker group saves the same tensors, shaped
+the same, every time, so DCP's plan is cached (``DefaultSavePlanner(enable_plan_caching=True)``):
+a rank whose local plan has not changed sends an empty one, and rank 0 reuses the global plan
+and ``.metadata`` index it built last time (the written files' offsets are still gathered and
+recorded at every save). A changed plan (optimizer state that appears later) is sent and
+merged. DCP keeps the cache per process, keyed by the planner's class name: ``_cached_planner``
+gives ours its own name so no other DCP user in the process shares it.
+
 Loading reshards: the target is this process's own ``get_state_dict`` (DTensors under FSDP,
 whole tensors alone or under DDP), and DCP reads for each target shard the pieces of the saved
 shards it overlaps, so a checkpoint written by N ranks loads on any world size and strategy.
@@ -46,6 +54,7 @@ S3: DCP's fsspec writer and reader on ``fsspec``'s wrapper around our pyarrow S3
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -324,6 +333,19 @@ class _ReusedStager:
         self._buffers = None
 
 
+@functools.cache
+def _cached_planner() -> type:
+    """``DefaultSavePlanner`` with plan caching, as a class of its own: DCP keys its
+    process-wide cache by the planner's class name (module doc, "Plan cache")."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    class TipsCachedSavePlanner(DefaultSavePlanner):
+        def __init__(self) -> None:
+            super().__init__(enable_plan_caching=True)
+
+    return TipsCachedSavePlanner
+
+
 @dataclasses.dataclass
 class _Pending:
     step: int
@@ -340,13 +362,20 @@ class ShardedCheckpointer:
         rank: this worker's rank (rank 0 writes ``.metadata`` and the markers).
         distributed: a process group of several ranks is up.
         async_save: write in the background (``train.async_checkpoint``).
+        plan_cache: reuse DCP's save plan (``train.checkpoint_plan_cache``; module doc).
     """
 
     def __init__(
-        self, run_uri: str, storage: Any, rank: int, distributed: bool, async_save: bool
+        self,
+        run_uri: str,
+        storage: Any,
+        rank: int,
+        distributed: bool,
+        async_save: bool,
+        plan_cache: bool = True,
     ) -> None:
         self.run_uri, self.storage, self.rank = run_uri, storage, rank
-        self.distributed, self.async_save = distributed, async_save
+        self.distributed, self.async_save, self.plan_cache = distributed, async_save, plan_cache
         # DCP's collectives of a background write must not meet the loop's on the default
         # group; a gloo group also serves NCCL runs (async save stages on the CPU).
         self.group = dist.new_group(backend="gloo") if distributed else None
@@ -392,15 +421,23 @@ class ShardedCheckpointer:
             _clear_unfinished(uri, self.storage)
         state_json = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True)
         writer = _writer(uri, self.storage)
+        planner = _cached_planner()() if self.plan_cache else None  # a planner per save
         sd = _state_dicts(objective, optimizer)
         if self._executor is None:
-            dcp.save(sd, storage_writer=writer, process_group=self.group, no_dist=self.no_dist)
+            dcp.save(
+                sd,
+                storage_writer=writer,
+                planner=planner,
+                process_group=self.group,
+                no_dist=self.no_dist,
+            )
             self._write_markers(None, uri, state_json, config_yaml)
             self._complete.append((state.step, uri))
             return
         written = dcp.async_save(
             sd,
             storage_writer=writer,
+            planner=planner,
             process_group=self.group,
             async_stager=self._stager,
             no_dist=self.no_dist,

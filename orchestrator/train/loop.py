@@ -260,7 +260,12 @@ def _setup(loop_config: dict[str, Any]) -> Worker:
     checkpointer = None
     if cfg.train.checkpoint_format == "sharded":
         checkpointer = ShardedCheckpointer(
-            loop_config["run_uri"], cfg.storage, rank, distributed, cfg.train.async_checkpoint
+            loop_config["run_uri"],
+            cfg.storage,
+            rank,
+            distributed,
+            cfg.train.async_checkpoint,
+            plan_cache=cfg.train.checkpoint_plan_cache,
         )
     if finish_restore is not None:
         finish_restore(strategy, optimizer, checkpointer.group if checkpointer else None)

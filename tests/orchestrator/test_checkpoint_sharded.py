@@ -150,6 +150,50 @@ def test_world_of_one_round_trip_is_exact(tmp_path):
     _assert_equal(read_full_state(uri)["model"], saved, "read_full_state")
 
 
+def test_the_cached_save_plan_writes_every_save_exactly(tmp_path):
+    """train.checkpoint_plan_cache (on by default): DCP's plan is cached after the first
+    save (the saves of one model reuse it); another model's tensors in the same process
+    change the plan, which is then merged and made afresh; every save loads exactly."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    def saved_states(objective, optimizer, run: Path, steps) -> dict:
+        saver = ShardedCheckpointer(str(run), None, 0, False, async_save=False)
+        want = {}
+        for step in steps:
+            if step:
+                _train(objective, optimizer, None, 1, slice(0, 4))
+            saver.save(objective, optimizer, TrainState(step=step), "{}\n", wait=True)
+            assert "TipsCachedSavePlanner" in SavePlanner._cached_metadata  # the cache is used
+            optim = _named_optim(objective, optimizer)
+            want[step] = copy.deepcopy((objective.state_dict(), optim))
+        assert [step for step, _ in saver.ready()] == list(steps)
+        return want
+
+    def check(run: Path, want: dict, make) -> None:
+        for step, (model, optim) in want.items():
+            fresh = make()
+            fresh_opt = build_optimizer(fresh, _cfg("none"))
+            load_sharded(str(run / f"checkpoint_{step:08d}"), None, fresh, fresh_opt)
+            _assert_equal(model, fresh.state_dict(), f"step {step}: model")
+            _assert_equal(optim, _named_optim(fresh, fresh_opt), f"step {step}: optim")
+
+    objective = _objective()
+    optimizer = build_optimizer(objective, _cfg("none"))
+    want = saved_states(objective, optimizer, tmp_path / "a", (0, 1, 2))
+
+    def other() -> torch.nn.Module:  # other head sizes: every tensor of the heads changes shape
+        torch.manual_seed(1)
+        head = {**HEAD, "head_out_dim": 48, "head_bottleneck_dim": 8}
+        model = ModelConfig(vision="vit_test", text="text_test", max_text_len=16)
+        return build_objective(TipsObjectiveConfig(**head), model, vocab_size=VOCAB)
+
+    other_objective = other()
+    other_optimizer = build_optimizer(other_objective, _cfg("none"))
+    other_want = saved_states(other_objective, other_optimizer, tmp_path / "b", (1, 2))
+    check(tmp_path / "a", want, _objective)
+    check(tmp_path / "b", other_want, other)
+
+
 @pytest.mark.parametrize(
     "damage, named",
     [
