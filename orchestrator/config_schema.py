@@ -152,7 +152,7 @@ class TrainConfig:
     # sharded only: DCP's save-plan cache (DefaultSavePlanner(enable_plan_caching=True)): from
     # the second save on, a rank whose plan is unchanged sends none and rank 0 reuses the
     # global plan and metadata; rank 0's planning CPU -40-70 % at 2-8 ranks, and it grows with
-    # the ranks (docs/scaling.md, "Checkpoint planning"); false: plan every save afresh
+    # the ranks (docs/scaling.md, "Checkpoints"); false: plan every save afresh
     checkpoint_plan_cache: bool = True
     eval_every_steps: int = 0  # 0 = no periodic evaluation (rank 0, on data.eval_uri)
     eval_tasks: list[str] = field(
